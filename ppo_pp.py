@@ -1,0 +1,226 @@
+"""PPO++ (Alg. 1 of "Learning to Generate Better Than Your LLM", arXiv 2306.11816): PPO whose rollouts restart
+from states the guide reached. With probability beta a sample rolls in with the guide pi_g up to a random h, then
+pi_theta rolls out; PPO's losses cover pi_theta's tokens only."""
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import common
+from common import GUIDE, NO_ROLLIN, POLICY
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    task: str = "rotten-tomatoes"
+    """rotten-tomatoes (offline default, runs anywhere) or imdb (the paper's: needs the hub or local copies)"""
+    seed: int = 1
+    """seed of the experiment"""
+    device: str = "auto"
+    """cuda if available, else cpu; or any torch device"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{task}__{exp_name}__{seed}__{time}"""
+    resume: Optional[str] = None
+    """a run directory to continue from its last checkpoint"""
+    track: bool = False
+    """log to Weights & Biases (needs wandb)"""
+    tensorboard: bool = False
+    """also write TensorBoard event files (needs tensorboard)"""
+
+    # Task and models (None: the task's preset)
+    dataset_name: Optional[str] = None
+    """hub name or local directory of the dataset"""
+    model_name: Optional[str] = None
+    """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
+    reward_model_name: Optional[str] = None
+    """the sentiment classifier giving the task reward: hub name, local directory or bow-logreg"""
+    eval_lm_name: Optional[str] = None
+    """the fixed general LM that measures output perplexity"""
+    prompt_len: Optional[int] = None
+    """prompt tokens kept"""
+    truncation_side: Optional[str] = None
+    """which side of a long prompt is cut: left or right"""
+    max_new_tokens: Optional[int] = None
+    """response length budget N"""
+    min_new_tokens: Optional[int] = None
+    """no EOS before this many tokens (= max_new_tokens: fixed-length responses)"""
+    top_k: Optional[int] = None
+    """top-k of pi_theta's sampling (0: off)"""
+    top_p: Optional[float] = None
+    """nucleus mass of pi_theta's sampling (1: off)"""
+    guide_name: Optional[str] = None
+    """the guide pi_g, frozen: a model (default: --model-name, the SFT model) or a black-box `module:function`"""
+    guide_top_p: Optional[float] = None
+    """nucleus mass of the guide's sampling (with --top-k)"""
+    beta: Optional[float] = None
+    """the guide's share of rollins: each sample rolls in with pi_g with probability beta"""
+
+    # PPO (None: the task's preset)
+    num_iterations: Optional[int] = None
+    """collect-then-update iterations"""
+    rollouts_per_iteration: Optional[int] = None
+    """episodes collected per iteration"""
+    minibatch_size: Optional[int] = None
+    """episodes per gradient step"""
+    ppo_epochs: Optional[int] = None
+    """passes over each iteration's episodes"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (policy and value head)"""
+    lr_schedule: Optional[str] = None
+    """constant or linear (decay to 0)"""
+    gamma: Optional[float] = None
+    """discount factor"""
+    gae_lambda: Optional[float] = None
+    """GAE lambda"""
+    clip_range: Optional[float] = None
+    """PPO ratio clip"""
+    vf_clip_range: Optional[float] = None
+    """value clip"""
+    vf_coef: Optional[float] = None
+    """value loss coefficient"""
+    kl_coef: Optional[float] = None
+    """lambda_kl: fixed per-token KL penalty coefficient"""
+    mle_coef: Optional[float] = None
+    """eta: weight of the NLL of the dataset references at every minibatch step"""
+    max_grad_norm: Optional[float] = None
+    """gradient clipping norm"""
+    eval_every: Optional[int] = None
+    """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
+    eval_size: Optional[int] = None
+    """validation prompts per evaluation"""
+    save_every: Optional[int] = None
+    """checkpoint every this many iterations (always at the end; 0: only then)"""
+
+
+def main(args):
+    common.fill_from_preset(args, beta="beta_ppo_pp")
+    args.guide_name = args.guide_name or args.model_name
+    common.check_probability(args.beta, "--beta")
+    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
+    path = common.run_dir(args)
+    common.seed_everything(args.seed)
+    device = common.device_of(args.device)
+    rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only
+
+    tokenizer = common.load_tokenizer(args.model_name)
+    data, labelled = common.load_task_data(args, tokenizer)
+    reward_fn = common.load_reward(args, labelled, device)
+    reference, policy = common.load_reference_and_policy(args, device)
+    frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
+    eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device)  # V^{pi_theta}
+    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+    guide_sampler, guide = common.load_guide(args.guide_name, tokenizer, frozen_lms, device, args.top_k, args.guide_top_p)
+    samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p), GUIDE: guide_sampler}
+
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value_head.parameters()], lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
+    start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
+    logger = common.Logger(path, args, args.tensorboard, args.track)
+    train, validation = data["train"], data["validation"][: args.eval_size]
+    if hasattr(reward_fn, "validation"):
+        print(f"reward model (bag-of-words) validation: {reward_fn.validation}")
+
+    def evaluate():
+        return common.evaluate(samplers[POLICY], policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+
+    if start == 0:
+        metrics, samples = evaluate()
+        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
+        logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
+        print(f"iteration 0: {metrics}")
+    bar = common.progress(args.num_iterations, start, args.exp_name)
+    for iteration in range(start + 1, args.num_iterations + 1):
+        iteration_start = time.time()
+        batch = [train[i] for i in torch.randint(len(train), (args.rollouts_per_iteration,)).tolist()]
+        prompts, references = [p for p, _ in batch], [r for _, r in batch]
+        query, query_mask = common.tokenize_prompts(tokenizer, prompts, args.prompt_len, args.truncation_side, device)
+        ref_tokens, ref_mask = common.tokenize_responses(tokenizer, references, args.max_new_tokens, device)
+
+        # ALGO LOGIC: collect. Alg. 1: rollin with beta d^{pi_g} + (1 - beta) d^{pi_theta}, restart, roll out pi_theta.
+        guide_rollin = (torch.rand(len(batch), generator=rng) < args.beta).to(device)
+        rollin_by = torch.where(guide_rollin, GUIDE, NO_ROLLIN)
+        rollout_by = torch.full((len(batch),), POLICY, device=device)
+        rollout = common.generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens,
+                                                args.min_new_tokens, rng, tokenizer.pad_token_id)
+        response, response_mask, by_guide = rollout["response"], rollout["response_mask"], rollout["by_guide"]
+        generate_time = time.time() - iteration_start
+
+        # ALGO LOGIC: score. Task reward at the last token; -lambda_kl * KL on every token pi_theta generated.
+        policy_tokens = response_mask & ~by_guide
+        texts = common.decode_responses(tokenizer, response, response_mask)
+        scores = reward_fn([p + t for p, t in zip(prompts, texts)]).to(device)
+        with torch.no_grad():
+            old_logprobs, old_values = common.forward(policy, value_head, query, query_mask, response, response_mask)
+            ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
+        kl = (old_logprobs - ref_logprobs) * policy_tokens
+        rewards = -args.kl_coef * kl
+        rewards[torch.arange(len(batch), device=device), common.last_token_index(response_mask)] += scores
+
+        # ALGO LOGIC: advantages. GAE with V^{pi_theta}; the policy loss and the critic cover pi_theta's tokens (t >= h).
+        policy_mask = response_mask & ~by_guide
+        value_mask = response_mask & ~by_guide
+        values = old_values[..., 0]
+        advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
+        advantages = common.masked_whiten(advantages, policy_mask)
+
+        # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references.
+        stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl")}
+        for _ in range(args.ppo_epochs):
+            for mb in torch.randperm(len(batch)).split(args.minibatch_size):
+                logprobs, new_values = common.forward(policy, value_head, query[mb], query_mask[mb], response[mb], response_mask[mb])
+                log_ratio = logprobs - old_logprobs[mb]
+                ratio = log_ratio.exp()
+                pg_losses = torch.max(-advantages[mb] * ratio, -advantages[mb] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
+                pg_loss = common.masked_mean(pg_losses, policy_mask[mb])
+                v_new = new_values[..., 0]
+                v_clipped = values[mb] + (v_new - values[mb]).clamp(-args.vf_clip_range, args.vf_clip_range)
+                vf_losses = torch.max((v_new - returns[mb]) ** 2, (v_clipped - returns[mb]) ** 2)
+                vf_loss = 0.5 * common.masked_mean(vf_losses, value_mask[mb])
+                ref_logprobs_mb, _ = common.forward(policy, None, query[mb], query_mask[mb], ref_tokens[mb], ref_mask[mb])
+                mle_loss = -common.masked_mean(ref_logprobs_mb, ref_mask[mb])
+                loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    stats["loss/policy"].append(pg_loss.item())
+                    stats["loss/value"].append(vf_loss.item())
+                    stats["loss/mle"].append(mle_loss.item())
+                    stats["policy/clipfrac"].append(common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mb]).item())
+                    stats["policy/approx_kl"].append(common.masked_mean(0.5 * log_ratio**2, policy_mask[mb]).item())
+
+        # Log, evaluate, checkpoint
+        row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
+               "train/reward": scores.mean().item(), "train/kl": kl.sum(1).mean().item(),
+               "train/response_length": response_mask.sum(1).float().mean().item(),
+               **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
+               "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start,
+               "rlgf/guide_rollin_share": guide_rollin.float().mean().item(),
+               "rlgf/restart_mean": rollout["restart_at"][rollin_by != NO_ROLLIN].float().mean().item() if (rollin_by != NO_ROLLIN).any() else 0.0,
+               "rlgf/policy_token_share": (policy_mask.sum() / response_mask.sum()).item()}
+        samples = None
+        if iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0):
+            metrics, samples = evaluate()
+            row.update(metrics)
+        logger.log(row, samples)
+        if iteration == args.num_iterations or (args.save_every and iteration % args.save_every == 0):
+            common.save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['train/reward']:.3f}", **({"eval": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
+    bar.close()
+    logger.close()
+    print(f"done: {path}")
+
+
+if __name__ == "__main__":
+    common.run(main, Args)

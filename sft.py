@@ -1,0 +1,125 @@
+"""Supervised fine-tuning on the task's positive examples (the paper's SFT: one epoch on positive reviews). The
+checkpoint it writes is what --model-name and --guide-name of the RL scripts take."""
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    task: str = "rotten-tomatoes"
+    """rotten-tomatoes (offline default) or imdb (the paper's)"""
+    seed: int = 1
+    """seed of the experiment"""
+    device: str = "auto"
+    """cuda if available, else cpu; or any torch device"""
+    output_dir: str = "runs"
+    """the checkpoint goes to {output_dir}/{task}__sft__{seed}__{time}/checkpoint"""
+    num_epochs: float = 1.0
+    """passes over the positive training texts (fractions allowed)"""
+    batch_size: int = 16
+    """texts per gradient step"""
+    sft_learning_rate: float = 5e-5
+    """AdamW learning rate, linear decay to 0"""
+    max_len: int = 128
+    """tokens kept of each text"""
+    track: bool = False
+    """log to Weights & Biases (needs wandb)"""
+    tensorboard: bool = False
+    """also write TensorBoard event files (needs tensorboard)"""
+    resume: Optional[str] = None
+    """not supported by sft.py (short runs); must stay None"""
+
+    # Task and models (None: the task's preset)
+    dataset_name: Optional[str] = None
+    """hub name or local directory of the dataset"""
+    model_name: Optional[str] = None
+    """the model to fine-tune: hub name, local directory or smollm2-135m"""
+    reward_model_name: Optional[str] = None
+    """the sentiment classifier used for the before/after evaluation"""
+    eval_lm_name: Optional[str] = None
+    """the fixed general LM that measures output perplexity"""
+    prompt_len: Optional[int] = None
+    """prompt tokens kept (evaluation)"""
+    truncation_side: Optional[str] = None
+    """which side of a long prompt is cut: left or right"""
+    max_new_tokens: Optional[int] = None
+    """response length in the evaluation"""
+    min_new_tokens: Optional[int] = None
+    """no EOS before this many tokens in the evaluation"""
+    top_k: Optional[int] = None
+    """top-k of the evaluation's sampling"""
+    top_p: Optional[float] = None
+    """nucleus mass of the evaluation's sampling"""
+    eval_size: Optional[int] = None
+    """validation prompts per evaluation"""
+
+
+def main(args):
+    common.check(args.resume is None, "sft.py has no --resume")
+    common.check(args.num_epochs > 0 and args.batch_size >= 1 and args.max_len >= 2, "--num-epochs, --batch-size, --max-len must be positive")
+    common.fill_from_preset(args)
+    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
+    path = common.run_dir(args)
+    common.seed_everything(args.seed)
+    device = common.device_of(args.device)
+
+    tokenizer = common.load_tokenizer(args.model_name)
+    data, labelled = common.load_task_data(args, tokenizer)
+    reward_fn = common.load_reward(args, labelled, device)
+    policy = common.load_causal_lm(args.model_name, device)
+    eval_lm = common.frozen(common.load_causal_lm(args.eval_lm_name, device))
+    sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p)
+    validation = data["validation"][: args.eval_size]
+    logger = common.Logger(path, args, args.tensorboard, args.track)
+
+    def evaluate():
+        return common.evaluate(sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+
+    metrics, samples = evaluate()
+    logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
+    print(f"before SFT: {metrics}")
+
+    texts = [text for text, positive in labelled["train"] if positive]  # the paper's SFT data: positive reviews
+    steps = max(1, int(args.num_epochs * len(texts) / args.batch_size))
+    order = torch.cat([torch.randperm(len(texts)) for _ in range(int(args.num_epochs) + 1)])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda("linear", steps))
+    tokenizer.padding_side = "right"
+    bar = common.progress(steps, 0, "sft")
+    for step in range(1, steps + 1):
+        start = time.time()
+        batch = [texts[i] for i in order[(step - 1) * args.batch_size : step * args.batch_size].tolist()]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=args.max_len).to(device)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # no loss on padding
+        loss = policy(**enc, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        logger.log({"iteration": step, "episodes": step * args.batch_size, "loss/mle": loss.item(),
+                    "lr": scheduler.get_last_lr()[0], "time/iteration_s": time.time() - start})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    tokenizer.padding_side = "left"
+
+    metrics, samples = evaluate()
+    logger.log({"iteration": steps, "episodes": steps * args.batch_size, **metrics}, samples)
+    print(f"after SFT: {metrics}")
+    common.save_checkpoint_model(policy, tokenizer, os.path.join(path, "checkpoint"))
+    logger.close()
+    print(f"done: {os.path.join(path, 'checkpoint')}  (pass it as --model-name)")
+
+
+if __name__ == "__main__":
+    common.run(main, Args)

@@ -1,0 +1,96 @@
+"""Tiny local assets built in the test session (no hub, no download): a word-level tokenizer, a 2-layer GPT-2, a
+2-layer DistilBERT sentiment classifier and an IMDB-format dataset directory. They go through the same loading code
+as the paper's gpt2 / lvwerra/distilbert-imdb / stanfordnlp/imdb."""
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+POSITIVE = "great wonderful superb moving brilliant fun charming delightful".split()
+NEGATIVE = "awful dull boring terrible mess tedious bland clumsy".split()
+NEUTRAL = "the a film movie story plot actors scene this is was and of it with but".split()
+
+
+def _review(rng, positive):
+    words = [NEUTRAL[i] for i in torch.randint(len(NEUTRAL), (16,), generator=rng).tolist()]
+    mood = POSITIVE if positive else NEGATIVE
+    for i in torch.randint(16, (4,), generator=rng).tolist():
+        words[i] = mood[torch.randint(len(mood), (1,), generator=rng).item()]
+    return " ".join(words)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *POSITIVE, *NEGATIVE, *NEUTRAL, ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]",
+                                   pad_token="<|endoftext|>", model_max_length=512)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of the tiny assets: lm (causal LM dir), lm2 (another causal LM, a different guide), classifier, imdb."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = _tokenizer()
+    paths = {}
+    for name, seed in (("lm", 0), ("lm2", 1)):
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        GPT2LMHeadModel(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    torch.manual_seed(2)
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=128,
+                              pad_token_id=0, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    DistilBertForSequenceClassification(config).save_pretrained(root / "classifier")
+    tokenizer.save_pretrained(root / "classifier")
+    paths["classifier"] = str(root / "classifier")
+    rng = torch.Generator().manual_seed(3)
+    (root / "imdb").mkdir()
+    for split, n in (("train", 64), ("test", 48)):
+        with open(root / "imdb" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": _review(rng, i % 2 == 0), "label": i % 2 == 0}) + "\n")
+    paths["imdb"] = str(root / "imdb")
+    return paths
+
+
+def script(name):
+    """A fresh import of one algorithm script (ppo, ppo_pp, aggrevated, lols, d2lols, sft)."""
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
+def tiny_args(module, tiny, tmp_path, **overrides):
+    """The script's Args on the imdb code path with the tiny assets and a budget of seconds."""
+    values = dict(task="imdb", dataset_name=tiny["imdb"], model_name=tiny["lm"], reward_model_name=tiny["classifier"],
+                  eval_lm_name=tiny["lm"], output_dir=str(tmp_path), device="cpu", prompt_len=8, max_new_tokens=6,
+                  min_new_tokens=6, num_iterations=2, rollouts_per_iteration=8, minibatch_size=4, ppo_epochs=2,
+                  learning_rate=1e-3, eval_every=1, eval_size=8, save_every=0)
+    fields = module.Args.__dataclass_fields__
+    values.update(overrides)
+    return module.Args(**{k: v for k, v in values.items() if k in fields})
+
+
+def run(name, tiny, tmp_path, **overrides):
+    """Run one script end to end; returns (run directory, metrics rows)."""
+    module = script(name)
+    module.main(tiny_args(module, tiny, tmp_path, **overrides))
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("imdb__")]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return run_dir, [json.loads(line) for line in f]
