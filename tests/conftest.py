@@ -94,3 +94,45 @@ def run(name, tiny, tmp_path, **overrides):
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("imdb__")]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return run_dir, [json.loads(line) for line in f]
+
+
+GUIDE_TOKEN = 2  # "great": the fake black-box guide below emits only this token
+
+
+def constant_guide(input_ids, attention_mask, max_new, min_new):
+    """A black-box guide (`--guide-name conftest:constant_guide`): continues every prefix with GUIDE_TOKEN."""
+    steps = int(max_new.max()) if len(max_new) else 0
+    return torch.full((len(input_ids), steps), GUIDE_TOKEN, dtype=torch.long, device=input_ids.device), max_new.clone()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records what the scripts pass to the shared helpers: every rollout, policy mask (the whitening mask) and
+    masked_mean call, in order."""
+    import common
+
+    seen = {"rollouts": [], "policy_masks": [], "masked_means": []}
+    generate, whiten, mean = common.generate_with_restarts, common.masked_whiten, common.masked_mean
+
+    def generate_spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        seen["rollouts"].append({k: v.clone() for k, v in out.items()})
+        return out
+
+    def whiten_spy(x, mask, *args):
+        seen["policy_masks"].append(mask.clone())
+        seen["masked_means"].append("whiten")  # marks the start of an update; whitening's own means are not recorded
+        monkeypatch.setattr(common, "masked_mean", mean)
+        try:
+            return whiten(x, mask, *args)
+        finally:
+            monkeypatch.setattr(common, "masked_mean", mean_spy)
+
+    def mean_spy(x, mask):
+        seen["masked_means"].append(mask.detach().clone())
+        return mean(x, mask)
+
+    monkeypatch.setattr(common, "generate_with_restarts", generate_spy)
+    monkeypatch.setattr(common, "masked_whiten", whiten_spy)
+    monkeypatch.setattr(common, "masked_mean", mean_spy)
+    return seen
