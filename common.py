@@ -357,7 +357,7 @@ class BagOfWordsSentiment:
     sentiment reward, trained on the data it scores, as the paper's DistilBERT was). Cached after the first run."""
 
     def __init__(self, labelled):
-        key = hashlib.md5(json.dumps(labelled["train"]).encode()).hexdigest()[:12]
+        key = hashlib.md5(json.dumps([labelled["train"], labelled["validation"]]).encode()).hexdigest()[:12]
         path = os.path.join(CACHE_DIR, f"bow_logreg_{key}.pt")
         if os.path.isfile(path):
             state = torch.load(path)
@@ -464,7 +464,8 @@ def _filter_logits(logits, top_k, top_p):
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass reaches top_p
+        drop[:, 0] = False  # the most likely token always stays
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     return logits
 
@@ -557,7 +558,7 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
     keep = torch.arange(n, device=device)[None] < restart_at[:, None]
     response = torch.where(keep, response, pad_id)
     by_guide &= keep
-    prefixes = [torch.cat([q[m], r[:h]]) for q, m, r, h in zip(query, query_mask, response, restart_at.tolist())]
+    prefixes = [torch.cat([q[m], r[:h]]) for q, m, r, h in zip(query, query_mask.bool(), response, restart_at.tolist())]
     prefix, prefix_mask = _left_pad(prefixes, pad_id, device)
     lengths = restart_at.clone()
     for who in (POLICY, GUIDE):  # 3. rollout

@@ -31,10 +31,11 @@ def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *POSITIVE, *NEGATIVE, *NEUTRAL, ".", ","])}
+    words = ["\u2581" + w for w in [*POSITIVE, *NEGATIVE, *NEUTRAL, ".", ","]]  # Metaspace marks word starts with \u2581
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")  # keep the space before a continuation
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]",
                                    pad_token="<|endoftext|>", model_max_length=512)
 

@@ -1,0 +1,691 @@
+"""Unit tests of common.py: GAE, whitening, sampling, logit filtering, generation with restarts, batching, the
+forward pass, the bag-of-words reward and the Rotten Tomatoes splits. Everything runs offline on CPU in seconds."""
+
+import os
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+import common
+from common import GUIDE, NO_ROLLIN, POLICY
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GAE, whitening, masked mean
+# ---------------------------------------------------------------------------------------------------------------
+def _gae_reference(rewards, values, lengths, gamma, lam):
+    """Plain per-sample loop over the real length L only, V(s_L) = 0."""
+    batch, n = rewards.shape
+    advantages = torch.zeros(batch, n, dtype=torch.float64)
+    for i in range(batch):
+        L = lengths[i]
+        running = 0.0
+        for t in reversed(range(L)):
+            next_value = values[i, t + 1].item() if t + 1 < L else 0.0
+            delta = rewards[i, t].item() + gamma * next_value - values[i, t].item()
+            running = delta + gamma * lam * running
+            advantages[i, t] = running
+    return advantages
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95), (0.9, 0.0), (0.5, 0.7)])
+@pytest.mark.parametrize("bool_mask", [True, False])
+def test_gae_matches_per_sample_reference(gamma, lam, bool_mask):
+    """gae == a per-sample backward loop over each response's real length; 0 outside the mask; returns = A + V."""
+    g = torch.Generator().manual_seed(0)
+    batch, n = 7, 9
+    lengths = [9, 1, 5, 0, 3, 8, 2]
+    rewards = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    values = torch.randn(batch, n, generator=g, dtype=torch.float64)  # garbage after L must be ignored
+    mask = torch.arange(n)[None] < torch.tensor(lengths)[:, None]
+    advantages, returns = common.gae(rewards, values, mask if bool_mask else mask.double(), gamma, lam)
+    expected = _gae_reference(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)
+    assert (advantages[~mask] == 0).all()
+    torch.testing.assert_close(returns[mask], (advantages + values)[mask], atol=1e-6, rtol=0)
+
+
+def test_gae_float32_gamma_one_is_reward_to_go_minus_value():
+    """With gamma = lam = 1 the advantage is the undiscounted reward-to-go minus V(s_t) (float32 inputs)."""
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0], [0.5, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3, 9.0], [1.0, -1.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    advantages, returns = common.gae(rewards, values, mask, 1.0, 1.0)
+    expected = torch.tensor([[1.0 - 0.1, 1.0 - 0.2, 1.0 - 0.3, 0.0], [2.5 - 1.0, 2.0 + 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(returns[mask], torch.tensor([1.0, 1.0, 1.0, 2.5, 2.0]), atol=1e-6, rtol=0)
+
+
+def test_masked_whiten_statistics_and_formula():
+    """Over the mask: mean 0, unbiased std 1, equal to (x - mean) / std computed directly; 0 outside the mask."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 11, generator=g, dtype=torch.float64) * 3 + 2
+    mask = torch.rand(6, 11, generator=g) < 0.6
+    mask[0, 0] = True
+    x[~mask] = 1e6  # values outside the mask must not leak into the statistics
+    out = common.masked_whiten(x, mask)
+    inside = out[mask]
+    assert abs(inside.mean().item()) < 1e-6
+    assert abs(inside.std().item() - 1) < 1e-6
+    assert (out[~mask] == 0).all()
+    direct = (x[mask] - x[mask].mean()) / x[mask].std()
+    torch.testing.assert_close(inside, direct, atol=1e-6, rtol=0)
+
+
+def test_masked_whiten_float_mask_float32():
+    """A 0/1 float mask works like a bool mask (float32, as the scripts use it)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 4, dtype=torch.bool)
+    torch.testing.assert_close(common.masked_whiten(x, mask.float()), common.masked_whiten(x, mask))
+    direct = (x[mask] - x[mask].mean()) / x[mask].std()
+    torch.testing.assert_close(common.masked_whiten(x, mask)[mask], direct, atol=1e-5, rtol=0)
+
+
+def test_masked_mean_values_and_empty_mask():
+    """masked_mean averages only masked entries; an empty mask gives 0, not NaN."""
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, float(50), 4.0]])
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    assert common.masked_mean(x, mask).item() == pytest.approx(2.5)
+    empty = common.masked_mean(x, torch.zeros_like(mask))
+    assert not torch.isnan(empty)
+    assert empty.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# _filter_logits
+# ---------------------------------------------------------------------------------------------------------------
+def test_top_k_keeps_exactly_k_largest():
+    """top_k leaves exactly the k largest logits finite (distinct logits), others -inf; top_k=0 is off."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 30, generator=g)
+    for k in (1, 4, 29):
+        out = common._filter_logits(logits.clone(), k, 1.0)
+        finite = torch.isfinite(out)
+        assert (finite.sum(-1) == k).all()
+        top = torch.topk(logits, k, -1).indices
+        assert finite.gather(1, top).all()
+        torch.testing.assert_close(out[finite], logits[finite])
+    assert torch.equal(common._filter_logits(logits.clone(), 0, 1.0), logits)
+    assert torch.equal(common._filter_logits(logits.clone(), 30, 1.0), logits)
+
+
+@pytest.mark.parametrize("p,kept", [(0.3, 1), (0.49, 1), (0.51, 2), (0.7, 2), (0.8, 2), (0.81, 3), (0.96, 4), (1.0, 4)])
+def test_top_p_keeps_smallest_prefix_reaching_p(p, kept):
+    """top_p keeps the smallest prefix of the sorted distribution whose mass reaches p (unsorted input)."""
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    out = common._filter_logits(probs.log(), 0, p)
+    finite = torch.isfinite(out)[0]
+    assert finite.sum().item() == kept
+    order = torch.argsort(probs[0], descending=True)
+    assert finite[order[:kept]].all() and not finite[order[kept:]].any()
+
+
+@pytest.mark.parametrize("probs,p", [([0.5, 0.25, 0.125, 0.125], 0.75), ([0.5, 0.25, 0.125, 0.125], 0.5), ([0.15, 0.5, 0.05, 0.3], 0.5)])
+def test_top_p_exact_boundary(probs, p):
+    """Exact-in-float masses: when the sorted prefix's mass equals p exactly, nothing after that prefix is kept."""
+    sorted_probs = sorted(probs, reverse=True)
+    kept = next(i + 1 for i in range(len(probs)) if sum(sorted_probs[: i + 1]) >= p)
+    out = common._filter_logits(torch.tensor([probs]).log(), 0, p)
+    assert torch.isfinite(out).sum().item() == kept
+
+
+def test_top_p_always_keeps_argmax_and_combines_with_top_k():
+    """Even p = 0 keeps the argmax; top_k then top_p never leaves a row without a finite logit."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, 20, generator=g)
+    for p in (0.0, 1e-6, 0.2):
+        out = common._filter_logits(logits.clone(), 0, p)
+        assert torch.isfinite(out.gather(1, logits.argmax(-1, keepdim=True))).all()
+        assert (torch.isfinite(out).sum(-1) >= 1).all()
+    out = common._filter_logits(logits.clone(), 5, 0.9)
+    n = torch.isfinite(out).sum(-1)
+    assert ((n >= 1) & (n <= 5)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample, with the tiny GPT-2
+# ---------------------------------------------------------------------------------------------------------------
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    return common.load_causal_lm(tiny["lm"], "cpu")
+
+
+class Recorder:
+    """Wraps a causal LM: records every call's input_ids shape, past_key_values and last-position logits; optionally
+    boosts EOS: boost(call_index) -> a [B] tensor added to the EOS logit of that call's last position (or None).
+    (The tiny random GPT-2 mostly predicts its current input token, so comparing logits, not just greedy tokens, is
+    what makes the padding and cache checks bite.)"""
+
+    def __init__(self, model, boost=None):
+        self.model, self.boost, self.calls = model, boost, []
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        self.calls.append(dict(shape=tuple(kwargs["input_ids"].shape), past=kwargs.get("past_key_values"),
+                               logits=out.logits[:, -1].clone()))
+        if self.boost is not None:
+            extra = self.boost(len(self.calls) - 1)
+            if extra is not None:
+                out.logits[:, -1, EOS] += extra
+        return out
+
+
+def _ids(rows, pad=0):
+    ids, mask = common._left_pad([torch.tensor(r) for r in rows], pad, "cpu")
+    return ids, mask
+
+
+def _budget(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def test_sample_left_padding_does_not_change_greedy_tokens(lm):
+    """A prompt sampled alone equals the same prompt left-padded in a batch beside a longer prompt (greedy): same
+    tokens, and the same next-token logits at every step."""
+    short, long = [5, 9, 13], [20, 3, 7, 8, 30, 2, 11]
+    rec_alone, rec_batch, rec_long = Recorder(lm), Recorder(lm), Recorder(lm)
+    alone, alone_len = common.sample(rec_alone, *_ids([short]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
+    batch, batch_len = common.sample(rec_batch, *_ids([long, short]), _budget(8, 8), _budget(8, 8), greedy=True, eos_id=EOS)
+    long_alone, _ = common.sample(rec_long, *_ids([long]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
+    assert torch.equal(batch[1], alone[0]) and batch_len[1] == alone_len[0] == 8
+    assert torch.equal(batch[0], long_alone[0])
+    assert len(rec_batch.calls) == len(rec_alone.calls) == 8
+    for in_batch, by_itself, longer in zip(rec_batch.calls, rec_alone.calls, rec_long.calls):
+        torch.testing.assert_close(in_batch["logits"][1], by_itself["logits"][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(in_batch["logits"][0], longer["logits"][0], atol=1e-5, rtol=0)
+
+
+def test_sample_per_sample_budgets(lm):
+    """max_new = [1, 3, 5]: each length <= its budget, pad_id after it, the tensor as wide as the largest budget."""
+    pad = 35
+    prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    torch.manual_seed(0)
+    tokens, lengths = common.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(0, 0, 0), top_k=10, eos_id=EOS, pad_id=pad)
+    assert tokens.shape == (3, 5)
+    assert (lengths <= _budget(1, 3, 5)).all() and (lengths >= 1).all()
+    for row, n in zip(tokens, lengths.tolist()):
+        assert (row[n:] == pad).all()
+        assert (row[: n - 1] != EOS).all()  # only the last real token may be the EOS
+        assert (row[:n] != pad).all()
+    # Greedy with min = max: every sample uses exactly its own budget.
+    tokens, lengths = common.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(1, 3, 5), greedy=True, eos_id=EOS, pad_id=pad)
+    assert lengths.tolist() == [1, 3, 5]
+    assert (tokens[0, 1:] == pad).all() and (tokens[1, 3:] == pad).all()
+
+
+def test_sample_min_new_forbids_early_eos(lm):
+    """With EOS overwhelmingly likely: min_new = 0 stops at 1 token, min_new = max_new never stops early,
+    min_new = 2 stops right at 3 tokens (the EOS is the 3rd)."""
+    prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    pad = 35
+    boosted = Recorder(lm, boost=lambda call: torch.full((3,), 1e4))
+    for greedy in (True, False):
+        torch.manual_seed(1)
+        _, lengths = common.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(0, 0, 0), greedy=greedy, eos_id=EOS, pad_id=pad)
+        assert lengths.tolist() == [1, 1, 1]
+        tokens, lengths = common.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(5, 5, 5), greedy=greedy, eos_id=EOS, pad_id=pad)
+        assert lengths.tolist() == [5, 5, 5]
+        assert (tokens != EOS).all()
+        tokens, lengths = common.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(2, 2, 2), greedy=greedy, eos_id=EOS, pad_id=pad)
+        assert lengths.tolist() == [3, 3, 3]
+        assert (tokens[:, 2] == EOS).all() and (tokens[:, :2] != EOS).all() and (tokens[:, 3:] == pad).all()
+
+
+def test_sample_model_eos_counts_and_pads_after(lm):
+    """An EOS the model picks (row 1, step 2) is the last counted token, pad_id follows; other rows are unaffected."""
+    prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    pad = 35
+    plain, plain_len = common.sample(lm, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
+    assert plain_len.tolist() == [6, 6, 6], "the tiny model should not pick EOS greedily here"
+    boost = Recorder(lm, boost=lambda call: torch.tensor([0.0, 1e4, 0.0]) if call == 2 else None)
+    tokens, lengths = common.sample(boost, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
+    assert lengths.tolist() == [6, 3, 6]
+    assert tokens[1, 2] == EOS and torch.equal(tokens[1, :2], plain[1, :2]) and (tokens[1, 3:] == pad).all()
+    assert torch.equal(tokens[0], plain[0]) and torch.equal(tokens[2], plain[2])
+
+
+def test_sample_one_prefill_then_one_token_per_step(lm):
+    """First forward sees the whole prefix width; every later one exactly 1 token per row with the KV cache."""
+    prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12, 13]]
+    rec = Recorder(lm)
+    torch.manual_seed(2)
+    tokens, lengths = common.sample(rec, *_ids(prompts), _budget(4, 2, 4), _budget(4, 2, 4), top_k=5, eos_id=EOS)
+    assert lengths.tolist() == [4, 2, 4]
+    assert rec.calls[0]["shape"] == (3, 5) and rec.calls[0]["past"] is None
+    assert len(rec.calls) == 4  # prefill + one call per token still needed (none after the last step)
+    for call in rec.calls[1:]:
+        assert call["shape"] == (3, 1)
+        assert call["past"] is not None
+
+
+def test_sample_kv_cache_matches_full_recompute(lm):
+    """Greedy tokens and every step's logits from the cached, padded loop equal a naive loop that re-runs the whole
+    unpadded sequence each step."""
+    prompt = [3, 14, 15, 9, 2, 6]
+    rec = Recorder(lm)
+    tokens, _ = common.sample(rec, *_ids([[1, 2], prompt, [7]]), _budget(6, 6, 2), _budget(6, 6, 2), greedy=True, eos_id=EOS)
+    seq = list(prompt)
+    with torch.no_grad():
+        for step in range(6):
+            logits = lm(input_ids=torch.tensor([seq])).logits[0, -1]
+            torch.testing.assert_close(rec.calls[step]["logits"][1], logits, atol=1e-5, rtol=0)
+            logits[EOS] = float("-inf")
+            seq.append(int(logits.argmax()))
+    assert tokens[1].tolist() == seq[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate_with_restarts, with deterministic fake samplers
+# ---------------------------------------------------------------------------------------------------------------
+PAD = 0
+BASE = {POLICY: 100, GUIDE: 200}  # a sampler's t-th new token is BASE[who] + t: its origin and step are readable
+ROW = 1000  # the first prompt token of row i is ROW + i, so a sampler can tell which sample it continues
+
+
+class FakeSampler:
+    """sampler signature: emits BASE + step for each new token; stops after stop_at[row] tokens (never before min_new
+    nor after max_new, like the real sampler). Records every call."""
+
+    def __init__(self, who, stop_at=None):
+        self.base, self.stop_at, self.calls = BASE[who], stop_at, []
+
+    def __call__(self, input_ids, attention_mask, max_new, min_new):
+        self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
+                               max_new=max_new.clone(), min_new=min_new.clone()))
+        batch = input_ids.shape[0]
+        width = int(max_new.max()) if batch else 0
+        tokens = torch.full((batch, width), PAD, dtype=torch.long)
+        lengths = torch.zeros(batch, dtype=torch.long)
+        for b in range(batch):
+            n = int(max_new[b])
+            if self.stop_at is not None:
+                row = int(input_ids[b][attention_mask[b]][0]) - ROW
+                n = min(n, max(self.stop_at[row], int(min_new[b])))
+            tokens[b, :n] = self.base + torch.arange(n)
+            lengths[b] = n
+        return tokens, lengths
+
+    def rows(self, call):
+        """Sample index of each row of a recorded call."""
+        return [int(ids[m][0]) - ROW for ids, m in zip(call["input_ids"], call["attention_mask"])]
+
+
+def _queries(batch, seed=0):
+    """Left-padded prompts of lengths 1..4; prompt i starts with ROW + i, then tokens 1..9."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(batch):
+        n = int(torch.randint(0, 4, (1,), generator=g))
+        rows.append(torch.tensor([ROW + i] + torch.randint(1, 10, (n,), generator=g).tolist()))
+    ids, mask = common._left_pad(rows, PAD, "cpu")
+    return ids, mask, rows
+
+
+def _run(rollin_by, rollout_by, n, min_new, seed=0, stop_at=None, query_seed=0):
+    samplers = {POLICY: FakeSampler(POLICY, stop_at), GUIDE: FakeSampler(GUIDE, stop_at)}
+    query, query_mask, rows = _queries(len(rollin_by), query_seed)
+    out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor(rollin_by), torch.tensor(rollout_by),
+                                        n, min_new, torch.Generator().manual_seed(seed), PAD)
+    return out, samplers, rows
+
+
+def test_restarts_no_rollin_is_a_plain_rollout():
+    """NO_ROLLIN: h = 0, the whole response is the rollout sampler's, by_guide marks guide rollouts, no rollin call."""
+    rollout_by = [POLICY, GUIDE, GUIDE, POLICY]
+    out, samplers, _ = _run([NO_ROLLIN] * 4, rollout_by, n=5, min_new=5)
+    assert (out["restart_at"] == 0).all()
+    for i, who in enumerate(rollout_by):
+        assert out["response"][i].tolist() == [BASE[who] + t for t in range(5)]
+        assert out["by_guide"][i].tolist() == [who == GUIDE] * 5
+    assert out["response_mask"].all()
+    for who in (POLICY, GUIDE):  # one call each: the rollout only
+        assert len(samplers[who].calls) == 1
+
+
+@pytest.mark.parametrize("n", [2, 6])
+def test_restarts_rollin_prefix_then_rollout(n):
+    """Fixed length: response[:h] = rollin's first h tokens, response[h:] = rollout's first N - h; by_guide is True
+    exactly on guide tokens; response_mask covers all N tokens; 1 <= h <= N - 1."""
+    combos = [(a, b) for a in (POLICY, GUIDE) for b in (POLICY, GUIDE)] * 6 + [(NO_ROLLIN, POLICY), (NO_ROLLIN, GUIDE)]
+    rollin_by, rollout_by = zip(*combos)
+    out, _, _ = _run(list(rollin_by), list(rollout_by), n=n, min_new=n, seed=5)
+    for i, (a, b) in enumerate(combos):
+        h = int(out["restart_at"][i])
+        if a == NO_ROLLIN:
+            assert h == 0
+        else:
+            assert 1 <= h <= n - 1
+        expected = [BASE[a] + t for t in range(h)] + [BASE[b] + t for t in range(n - h)]
+        assert out["response"][i].tolist() == expected
+        assert out["by_guide"][i].tolist() == [a == GUIDE] * h + [b == GUIDE] * (n - h)
+    assert out["response_mask"].all()
+
+
+def test_restarts_rollout_prefix_is_prompt_plus_kept_rollin_tokens():
+    """The rollout sampler receives, left-padded, the unpadded prompt followed by exactly the h kept rollin tokens."""
+    combos = [(POLICY, GUIDE), (GUIDE, POLICY), (GUIDE, GUIDE), (POLICY, POLICY), (NO_ROLLIN, GUIDE)] * 4
+    rollin_by, rollout_by = zip(*combos)
+    n = 7
+    out, samplers, rows = _run(list(rollin_by), list(rollout_by), n=n, min_new=n, seed=11)
+    seen = set()
+    for who in (POLICY, GUIDE):
+        rollout_call = samplers[who].calls[-1]
+        ids, mask = rollout_call["input_ids"], rollout_call["attention_mask"]
+        for b, i in enumerate(samplers[who].rows(rollout_call)):
+            assert combos[i][1] == who
+            h = int(out["restart_at"][i])
+            a = combos[i][0]
+            expected = rows[i].tolist() + [BASE[a] + t for t in range(h)]
+            real = int(mask[b].sum())
+            assert mask[b].tolist() == [False] * (mask.shape[1] - real) + [True] * real  # left-padded
+            assert ids[b][mask[b]].tolist() == expected
+            assert (ids[b][~mask[b]] == PAD).all()
+            assert int(rollout_call["max_new"][b]) == n - h
+            seen.add(i)
+    assert seen == set(range(len(combos)))
+
+
+def test_restarts_h_uniform_fixed_length():
+    """h ~ Uniform{1, ..., N-1} for rollin samples (4000 draws, N = 6); never 0 or N."""
+    n, batch = 6, 4000
+    out, _, _ = _run([POLICY, GUIDE] * (batch // 2), [GUIDE, POLICY] * (batch // 2), n=n, min_new=n, seed=123)
+    counts = Counter(out["restart_at"].tolist())
+    assert set(counts) == set(range(1, n))
+    for h in range(1, n):
+        assert abs(counts[h] - batch / (n - 1)) < 0.15 * batch / (n - 1), counts
+
+
+def test_restarts_variable_length_h_within_rollin_length():
+    """min < max: a rollin of length L gives h in {1, ..., L-1} (uniformly), L < 2 gives h = 0; the rollin is asked
+    for N tokens with the task's min; the rollout gets budget N - h and min max(0, min - h)."""
+    n, min_new = 6, 1
+    lengths_by_kind = [1, 2, 3, 4, 6]
+    batch = 1000
+    stop_at = [lengths_by_kind[i % 5] for i in range(batch)]
+    rollin_by = [POLICY if i % 2 else GUIDE for i in range(batch)]
+    rollout_by = [GUIDE if i % 3 else POLICY for i in range(batch)]
+    out, samplers, _ = _run(rollin_by, rollout_by, n=n, min_new=min_new, seed=7, stop_at=stop_at)
+    h_by_L = {L: Counter() for L in lengths_by_kind}
+    for i in range(batch):
+        h_by_L[stop_at[i]][int(out["restart_at"][i])] += 1
+    assert set(h_by_L[1]) == {0}
+    for L in (2, 3, 4, 6):
+        assert set(h_by_L[L]) == set(range(1, L)), (L, h_by_L[L])
+        for h in range(1, L):  # 200 samples per L: each h within 40% of its expected count
+            assert abs(h_by_L[L][h] - 200 / (L - 1)) < 0.4 * 200 / (L - 1), (L, h_by_L[L])
+    for who in (POLICY, GUIDE):
+        rollin, rollout = samplers[who].calls
+        assert (rollin["max_new"] == n).all() and (rollin["min_new"] == min_new).all()
+        for b, i in enumerate(samplers[who].rows(rollout)):
+            h = int(out["restart_at"][i])
+            assert int(rollout["max_new"][b]) == n - h
+            assert int(rollout["min_new"][b]) == max(0, min_new - h)
+    # An h = 0 sample restarts from the bare prompt: its whole response is the rollout's (which stops after 1 token).
+    for i in (0, 5, 10, 15):
+        assert stop_at[i] == 1 and out["restart_at"][i] == 0
+        assert out["response"][i].tolist() == [BASE[rollout_by[i]]] + [PAD] * (n - 1)
+        assert out["by_guide"][i].tolist() == [rollout_by[i] == GUIDE] + [False] * (n - 1)
+        assert out["response_mask"][i].tolist() == [True] + [False] * (n - 1)
+
+
+def test_restarts_variable_length_rollout_min_and_mask():
+    """min = 3 < N = 6 and early-stopping samplers: rollout min is max(0, 3 - h), the response_mask covers exactly
+    h + the rollout's length, pad after it."""
+    n, min_new = 6, 3
+    stop_at = [3, 4, 5, 6, 3, 4, 5, 6] * 8
+    batch = len(stop_at)
+    rollin_by = [GUIDE, POLICY] * (batch // 2)
+    rollout_by = [POLICY] * (batch // 2) + [GUIDE] * (batch // 2)
+    out, samplers, _ = _run(rollin_by, rollout_by, n=n, min_new=min_new, seed=3, stop_at=stop_at)
+    for who in (POLICY, GUIDE):
+        rollout = samplers[who].calls[1]
+        for b, i in enumerate(samplers[who].rows(rollout)):
+            h = int(out["restart_at"][i])
+            assert 1 <= h <= stop_at[i] - 1
+            assert int(rollout["min_new"][b]) == max(0, min_new - h)
+            k = min(n - h, max(stop_at[i], min_new - h))  # what the fake rollout produced
+            assert out["response_mask"][i].tolist() == [True] * (h + k) + [False] * (n - h - k)
+            assert out["response"][i].tolist() == ([BASE[rollin_by[i]] + t for t in range(h)]
+                                                   + [BASE[who] + t for t in range(k)] + [PAD] * (n - h - k))
+            assert out["by_guide"][i].tolist() == [rollin_by[i] == GUIDE] * h + [who == GUIDE] * k + [False] * (n - h - k)
+
+
+def test_restarts_fixed_length_rollin_stops_at_h():
+    """min = max: the rollin sampler is asked for exactly h tokens (max_new = min_new = h), not the full N."""
+    n = 8
+    rollin_by = [POLICY, GUIDE, POLICY, GUIDE, NO_ROLLIN] * 6
+    out, samplers, _ = _run(rollin_by, [POLICY] * len(rollin_by), n=n, min_new=n, seed=9)
+    for who in (POLICY, GUIDE):
+        rollin = samplers[who].calls[0]
+        rows = samplers[who].rows(rollin)
+        assert sorted(rows) == [i for i, a in enumerate(rollin_by) if a == who]
+        h = out["restart_at"][rows]
+        assert torch.equal(rollin["max_new"], h) and torch.equal(rollin["min_new"], h)
+    assert len(set(out["restart_at"].tolist())) > 2  # h really varies across samples
+
+
+def test_restarts_deterministic_given_generator_only():
+    """Same rng seed gives the same result whatever the global torch/python seeds; the global RNG is not drawn from;
+    another seed changes the restart points."""
+    rollin_by = [POLICY, GUIDE, NO_ROLLIN] * 20
+    rollout_by = [GUIDE, POLICY, POLICY] * 20
+    for n, min_new, stop_at in ((6, 6, None), (6, 2, [6, 5, 4, 3, 2, 1] * 10)):
+        torch.manual_seed(0), random.seed(0)
+        state = torch.get_rng_state()
+        first, _, _ = _run(rollin_by, rollout_by, n, min_new, seed=42, stop_at=stop_at)
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.manual_seed(999), random.seed(999)
+        second, _, _ = _run(rollin_by, rollout_by, n, min_new, seed=42, stop_at=stop_at)
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+        other, _, _ = _run(rollin_by, rollout_by, n, min_new, seed=43, stop_at=stop_at)
+        assert not torch.equal(first["restart_at"], other["restart_at"])
+
+
+def test_restarts_with_real_sampler(lm, tiny):
+    """End to end with the tiny GPT-2 as both samplers: shapes, masks, and rollin tokens kept verbatim."""
+    tokenizer = common.load_tokenizer(tiny["lm"])
+    samplers = {POLICY: common.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
+                GUIDE: common.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True)}
+    query, query_mask = _ids([[4, 5, 6], [7, 8], [9, 10, 11, 12], [3]])
+    n = 5
+    plain = common.sample(lm, query, query_mask, _budget(n, n, n, n), _budget(n, n, n, n), greedy=True, eos_id=EOS)[0]
+    out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([POLICY, GUIDE, NO_ROLLIN, GUIDE]),
+                                        torch.tensor([GUIDE, POLICY, POLICY, GUIDE]), n, n, torch.Generator().manual_seed(0), PAD)
+    # Greedy, same model for both roles: the restarted response equals an uninterrupted greedy response.
+    assert torch.equal(out["response"], plain)
+    assert out["response_mask"].all()
+    assert out["by_guide"].tolist()[3] == [True] * n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization and decoding
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A whitespace word-level tokenizer (w0..w19 get ids 2..21, '<eos>' = 0 = pad) loaded through common.load_tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(20)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path_factory.mktemp("wordtok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]", model_max_length=512).save_pretrained(path)
+    return common.load_tokenizer(str(path))
+
+
+def test_load_tokenizer_left_pads_with_eos(word_tokenizer):
+    assert word_tokenizer.padding_side == "left" and word_tokenizer.pad_token_id == 0
+
+
+def test_tokenize_prompts_left_pads_and_truncates(word_tokenizer):
+    """Prompts are left-padded (mask False on the left) and cut on the requested side to max_len tokens."""
+    prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8"]
+    ids, mask = common.tokenize_prompts(word_tokenizer, prompts, 3, "left", "cpu")
+    assert mask.dtype == torch.bool
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[True] * 3, [False, False, True], [False, True, True]]
+    ids, mask = common.tokenize_prompts(word_tokenizer, prompts, 3, "right", "cpu")
+    assert ids.tolist() == [[3, 4, 5], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[True] * 3, [False, False, True], [False, True, True]]
+    ids, mask = common.tokenize_prompts(word_tokenizer, prompts, 10, "left", "cpu")
+    assert ids.tolist()[0] == [3, 4, 5, 6, 7] and mask.tolist()[1] == [False] * 4 + [True]
+
+
+def test_tokenize_responses_right_pads_and_decode_drops_padding(word_tokenizer):
+    """Responses are right-padded and cut to max_len with a matching mask; decode_responses keeps only real tokens."""
+    texts = [" w1 w2", " w3 w4 w5 w6 w7", ""]
+    ids, mask = common.tokenize_responses(word_tokenizer, texts, 4, "cpu")
+    assert ids.tolist() == [[3, 4, 0, 0], [5, 6, 7, 8], [0, 0, 0, 0]]
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [False] * 4]
+    assert common.decode_responses(word_tokenizer, ids, mask) == ["w1 w2", "w3 w4 w5 w6", ""]
+    # Padding is dropped by the mask, not by value: a non-pad id outside the mask is not decoded either.
+    ids[0, 3] = 20
+    assert common.decode_responses(word_tokenizer, ids, mask)[0] == "w1 w2"
+    ids, mask = common.tokenize_responses(word_tokenizer, ["", ""], 4, "cpu")
+    assert ids.shape == (2, 1) and not mask.any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------------------------
+def test_forward_matches_unpadded_per_sample(lm):
+    """Batched left-padded prompts + right-padded responses give, at real response tokens, the log-probs and values
+    of a plain unpadded forward pass of prompt + response, at the position before each token."""
+    torch.manual_seed(5)
+    head = torch.nn.Linear(lm.config.hidden_size, 3)
+    prompts = [[4, 5, 6], [7, 8, 9, 10, 11], [12]]
+    responses = [[13, 14, 15, 16], [17, 18], [19, 20, 21]]
+    query, query_mask = _ids(prompts)
+    n = max(map(len, responses))
+    response = torch.zeros(3, n, dtype=torch.long)
+    response_mask = torch.zeros(3, n, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        response[i, : len(r)] = torch.tensor(r)
+        response_mask[i, : len(r)] = True
+    with torch.no_grad():
+        logprobs, values = common.forward(lm, head, query, query_mask, response, response_mask)
+        assert logprobs.shape == (3, n) and values.shape == (3, n, 3)
+        no_head, none = common.forward(lm, None, query, query_mask, response, response_mask)
+        assert none is None
+        torch.testing.assert_close(no_head, logprobs)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            out = lm(input_ids=torch.tensor([p + r]), output_hidden_states=True)
+            positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+            expected = out.logits[0, positions].log_softmax(-1).gather(1, torch.tensor(r)[:, None]).squeeze(1)
+            torch.testing.assert_close(logprobs[i, : len(r)], expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(values[i, : len(r)], head(out.hidden_states[-1][0, positions]), atol=1e-5, rtol=0)
+
+
+def test_forward_logprobs_are_differentiable(lm):
+    """Gradients flow to the model through forward (it is used for the PPO update)."""
+    query, query_mask = _ids([[4, 5], [6]])
+    response = torch.tensor([[7, 8], [9, 0]])
+    response_mask = torch.tensor([[True, True], [True, False]])
+    logprobs, _ = common.forward(lm, None, query, query_mask, response, response_mask)
+    assert logprobs.requires_grad and (logprobs <= 0).all()
+    lm.zero_grad()
+    common.masked_mean(logprobs, response_mask).backward()
+    assert lm.transformer.wte.weight.grad.abs().sum() > 0
+    lm.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BagOfWordsSentiment
+# ---------------------------------------------------------------------------------------------------------------
+GOOD = "great wonderful superb charming delightful".split()
+BAD = "awful dull boring terrible tedious".split()
+FILLER = "the a film movie story plot was and of it".split()
+
+
+def _reviews(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = [rng.choice(FILLER) for _ in range(8)] + [rng.choice(GOOD if positive else BAD) for _ in range(2)]
+        rng.shuffle(words)
+        out.append((" ".join(words), positive))
+    return out
+
+
+def test_bag_of_words_learns_and_caches(tmp_path, monkeypatch):
+    """Positive texts score above negative ones, validation has accuracy/auc, and a second construction loads the
+    cache file (no training) with identical outputs."""
+    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
+    labelled = {"train": _reviews(120, 0), "validation": _reviews(40, 1)}
+    model = common.BagOfWordsSentiment(labelled)
+    assert set(model.validation) >= {"accuracy", "auc"}
+    assert model.validation["accuracy"] >= 0.9 and model.validation["auc"] >= 0.95
+    files = os.listdir(tmp_path / "cache")
+    assert len(files) == 1 and files[0].startswith("bow_logreg_")
+
+    texts = [t for t, _ in labelled["validation"]]
+    labels = torch.tensor([y for _, y in labelled["validation"]])
+    scores = model(texts)
+    assert scores.shape == (len(texts),) and ((scores > 0) & (scores < 1)).all()
+    assert scores[labels].min() > scores[~labels].max()
+    assert model(["a great wonderful film"])[0] > 0.5 > model(["an awful boring film"])[0]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the second construction must load the cache, not train")
+
+    monkeypatch.setattr(common.BagOfWordsSentiment, "_train", staticmethod(no_training))
+    again = common.BagOfWordsSentiment(labelled)
+    assert torch.equal(again(texts), scores)
+    assert again.validation == model.validation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotten Tomatoes splits
+# ---------------------------------------------------------------------------------------------------------------
+def test_movie_split_deterministic_and_roughly_80_10_10():
+    """_movie_split is a pure function of the name and splits ~80/10/10 over many names."""
+    names = [f"movie_{i}" for i in range(5000)]
+    splits = [common._movie_split(n) for n in names]
+    assert splits == [common._movie_split(n) for n in names]
+    counts = Counter(splits)
+    assert set(counts) == {"train", "validation", "test"}
+    assert abs(counts["train"] / 5000 - 0.8) < 0.03
+    assert abs(counts["validation"] / 5000 - 0.1) < 0.02 and abs(counts["test"] / 5000 - 0.1) < 0.02
+
+
+def test_load_rotten_tomatoes_splits():
+    """Splits are non-empty; prompt + reference is the snippet's words (prompt = first half); every pair comes from a
+    film of its own split and no film's snippets land in two splits; labelled mirrors the pairs with fresh = True."""
+    data, labelled = common.load_rotten_tomatoes()
+    rows = common._rotten_tomatoes_rows()
+    movies_of_text, label_of_text = {}, {}
+    for r in rows:
+        text = " ".join(r["text"].split())
+        movies_of_text.setdefault(text, set()).add(r["movie_name"])
+        label_of_text.setdefault(text, set()).add(r["category"] == "fresh")
+
+    films = {}
+    for split in ("train", "validation", "test"):
+        assert len(data[split]) > 0 and len(data[split]) == len(labelled[split])
+        films[split] = set()
+        for (prompt, reference), (text, label) in zip(data[split], labelled[split]):
+            assert reference.startswith(" ") and not prompt.startswith(" ")
+            assert prompt + reference == text
+            words = text.split()
+            assert len(words) >= 8 and prompt.split() == words[: len(words) // 2]
+            assert text in movies_of_text, "prompt + reference must be an original snippet"
+            assert label in label_of_text[text]
+            own = {m for m in movies_of_text[text] if common._movie_split(m) == split}
+            assert own, "a pair must come from a film of its own split"
+            films[split] |= own
+    assert not films["train"] & films["validation"]
+    assert not films["train"] & films["test"]
+    assert not films["validation"] & films["test"]
+
+    expected = Counter(common._movie_split(r["movie_name"]) for r in rows if len(r["text"].split()) >= 8)
+    assert {s: len(data[s]) for s in data} == dict(expected)
+    assert len(data["train"]) > 5 * len(data["validation"])
