@@ -1,0 +1,182 @@
+"""The paper's Table 1 in miniature: SFT, then PPO, PPO++, AggreVaTeD, LOLS and D2LOLS from the SFT checkpoint with
+the SFT model (nucleus sampling) as the guide, several seeds, identical budgets; a table and a reward curve.
+
+    python benchmark/study.py                                   # offline default task, 3 seeds
+    python benchmark/study.py --parallel 15 --num-iterations 30 # on a GPU, all runs at once
+    python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py and every RL run
+
+Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (needs matplotlib, optional)."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
+METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]
+
+
+@dataclass
+class Args:
+    task: str = "rotten-tomatoes"
+    """the task (its preset supplies everything not set here)"""
+    output: str = "results/rotten-tomatoes"
+    """where the table, results.json, the plot and the runs go"""
+    seeds: int = 3
+    """seeds per algorithm (1..seeds)"""
+    num_iterations: int = 30
+    """RL iterations of every run"""
+    rollouts_per_iteration: int = 32
+    """episodes per iteration of every run"""
+    eval_every: int = 5
+    """evaluation interval (iterations)"""
+    eval_size: int = 200
+    """validation prompts per evaluation"""
+    d2lols_alpha_share: float = 0.2
+    """D2LOLS switches after this share of the iterations (the paper: 20 of 100)"""
+    sft_epochs: float = 1.0
+    """SFT epochs on the positive training reviews"""
+    parallel: int = 1
+    """runs at once (a GPU fits many small runs)"""
+    runs_dir: str = ""
+    """where the runs and their checkpoints go (default: {output}/runs; not meant for git)"""
+
+
+def run(argv, log):
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def the_run(parent):
+    (name,) = [d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))]
+    return os.path.join(parent, name)
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(args, extra):
+    start = time.time()
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    runs = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
+    common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), *extra]
+
+    # 1. SFT on the positive reviews (its before/after evaluations are the zero-shot and SFT rows)
+    sft_parent = os.path.join(runs, "sft")
+    if not os.path.isdir(sft_parent):
+        os.makedirs(sft_parent)
+        run(["sft.py", *common_flags, "--num-epochs", str(args.sft_epochs), "--output-dir", sft_parent], os.path.join(out, "sft.log"))
+    sft_rows = [r for r in rows(the_run(sft_parent)) if "eval/reward" in r]
+    checkpoint = os.path.join(the_run(sft_parent), "checkpoint")
+
+    # 2. Every algorithm from the SFT checkpoint, the SFT model as guide (the default --guide-name), same budget
+    jobs = []
+    for algorithm in ALGORITHMS:
+        for seed in range(1, args.seeds + 1):
+            parent = os.path.join(runs, f"{algorithm}_{seed}")
+            flags = [*common_flags, "--model-name", checkpoint, "--seed", str(seed), "--output-dir", parent,
+                     "--num-iterations", str(args.num_iterations), "--rollouts-per-iteration", str(args.rollouts_per_iteration),
+                     "--eval-every", str(args.eval_every), "--save-every", "0"]
+            if algorithm == "d2lols":
+                flags += ["--alpha", str(round(args.d2lols_alpha_share * args.num_iterations))]
+            jobs.append((algorithm, seed, parent, [f"{algorithm}.py", *flags]))
+
+    def launch(job):
+        algorithm, seed, parent, argv = job
+        if not os.path.isdir(parent) or not any(os.scandir(parent)):
+            os.makedirs(parent, exist_ok=True)
+            run(argv, os.path.join(parent, "log.txt"))
+        print(f"done {algorithm} seed {seed}", flush=True)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(launch, jobs))
+
+    # 3. The table: final validation metrics, mean +- std over seeds
+    results = {"args": asdict(args), "command": " ".join(["python", "benchmark/study.py", *sys.argv[1:]]),
+               "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
+    results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
+    results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
+    guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if algorithm == "ppo_pp"]
+    results["rows"]["guide (SFT + nucleus)"] = {k: [g[k.replace("eval/", "eval/guide_")] for g in guide] for k, _ in METRICS}
+    for algorithm in ALGORITHMS:
+        per_seed = [rows(the_run(parent)) for a, _, parent, _ in jobs if a == algorithm]
+        results["rows"][algorithm] = {k: [r[-1][k] for r in per_seed] for k, _ in METRICS}
+        results["curves"][algorithm] = [[(r["episodes"], r["eval/reward"]) for r in run_rows if "eval/reward" in r] for run_rows in per_seed]
+    results["wall_time_s"] = round(time.time() - start)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown(results, args)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+    plot(results, os.path.join(out, "reward_curve.png"))
+
+
+def machine():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+        return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
+    except ImportError:
+        return platform.platform()
+
+
+def markdown(results, args):
+    lines = [f"Validation metrics at the end of training, mean ± std over {args.seeds} seeds "
+             f"({args.num_iterations} iterations x {args.rollouts_per_iteration} episodes, {args.eval_size} prompts).", "",
+             "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for row, values in results["rows"].items():
+        cells = []
+        for key, _ in METRICS:
+            mean, std = mean_std(values[key])
+            cells.append(f"{mean:.3f} ± {std:.3f}" if len(values[key]) > 1 else f"{mean:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{results['command']}`", f"Machine: {results['machine']}", f"Wall time: {results['wall_time_s']} s", ""]
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algorithm, runs in results["curves"].items():
+        episodes = [e for e, _ in runs[0]]
+        per_point = list(zip(*[[r for _, r in run] for run in runs]))
+        means = [statistics.mean(p) for p in per_point]
+        stds = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in per_point]
+        ax.plot(episodes, means, label=algorithm)
+        ax.fill_between(episodes, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+    guide = statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"])
+    ax.axhline(guide, color="gray", linestyle="--", label="guide (SFT + nucleus)")
+    ax.set_xlabel("training episodes")
+    ax.set_ylabel("validation reward (P(positive))")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    main(tyro.cli(Args, args=sys.argv[1:split]), sys.argv[split + 1 :])
