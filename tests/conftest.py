@@ -42,8 +42,10 @@ def _tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """Paths of the tiny assets: lm (causal LM dir), lm2 (another causal LM, a different guide), classifier, imdb."""
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    """Paths of the tiny assets: lm (causal LM dir), lm2 (another causal LM, a different guide), classifier, imdb,
+    t5 (an encoder-decoder) and common_gen (a CommonGen-format dataset directory)."""
+    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                              T5Config, T5ForConditionalGeneration)
 
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = _tokenizer()
@@ -68,6 +70,21 @@ def tiny(tmp_path_factory):
             for i in range(n):
                 f.write(json.dumps({"text": _review(rng, i % 2 == 0), "label": i % 2 == 0}) + "\n")
     paths["imdb"] = str(root / "imdb")
+    torch.manual_seed(4)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                      pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(root / "t5")
+    tokenizer.save_pretrained(root / "t5")
+    paths["t5"] = str(root / "t5")
+    (root / "common_gen").mkdir()
+    words = POSITIVE + NEGATIVE
+    for split, sets in (("train", 24), ("validation", 8)):
+        with open(root / "common_gen" / f"{split}.jsonl", "w") as f:
+            for i in range(sets):
+                concepts = sorted({words[j] for j in torch.randint(len(words), (3 + i % 3,), generator=rng).tolist()})
+                for k in range(2):  # two reference sentences per concept set, like CommonGen
+                    f.write(json.dumps({"concept_set_idx": i, "concepts": concepts, "target": f"the film {' and '.join(concepts)} {NEUTRAL[k]}"}) + "\n")
+    paths["common_gen"] = str(root / "common_gen")
     return paths
 
 
@@ -91,8 +108,9 @@ def tiny_args(module, tiny, tmp_path, **overrides):
 def run(name, tiny, tmp_path, **overrides):
     """Run one script end to end; returns (run directory, metrics rows)."""
     module = script(name)
-    module.main(tiny_args(module, tiny, tmp_path, **overrides))
-    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("imdb__")]
+    args = tiny_args(module, tiny, tmp_path, **overrides)
+    module.main(args)
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith(f"{args.task}__")]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return run_dir, [json.loads(line) for line in f]
 
@@ -100,10 +118,10 @@ def run(name, tiny, tmp_path, **overrides):
 GUIDE_TOKEN = 2  # "great": the fake black-box guide below emits only this token
 
 
-def constant_guide(input_ids, attention_mask, max_new, min_new):
-    """A black-box guide (`--guide-name conftest:constant_guide`): continues every prefix with GUIDE_TOKEN."""
+def constant_guide(query, query_mask, prefix, prefix_mask, max_new, min_new):
+    """A black-box guide (`--guide-name conftest:constant_guide`): continues every state with GUIDE_TOKEN."""
     steps = int(max_new.max()) if len(max_new) else 0
-    return torch.full((len(input_ids), steps), GUIDE_TOKEN, dtype=torch.long, device=input_ids.device), max_new.clone()
+    return torch.full((len(query), steps), GUIDE_TOKEN, dtype=torch.long, device=query.device), max_new.clone()
 
 
 @pytest.fixture

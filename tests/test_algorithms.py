@@ -160,14 +160,14 @@ def test_guide_and_reference_stay_frozen(tiny, tmp_path, monkeypatch, name):
     import common
 
     loaded = {}
-    load = common.load_causal_lm
+    load = common.load_lm
 
     def record(path, device):
         model = load(path, device)
         loaded.setdefault(path, []).append(model)
         return model
 
-    monkeypatch.setattr(common, "load_causal_lm", record)
+    monkeypatch.setattr(common, "load_lm", record)
     extra = {"alpha": 1} if name == "d2lols" else {}
     run(name, tiny, tmp_path, guide_name=tiny["lm2"], beta=0.5, **extra)
     guide, reference = loaded[tiny["lm2"]][0], loaded[tiny["lm"]][0]

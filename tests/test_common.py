@@ -153,7 +153,7 @@ EOS = 0
 
 @pytest.fixture(scope="module")
 def lm(tiny):
-    return common.load_causal_lm(tiny["lm"], "cpu")
+    return common.load_lm(tiny["lm"], "cpu")
 
 
 class Recorder:
@@ -164,6 +164,7 @@ class Recorder:
 
     def __init__(self, model, boost=None):
         self.model, self.boost, self.calls = model, boost, []
+        self.config = model.config
 
     def __call__(self, **kwargs):
         out = self.model(**kwargs)
@@ -177,8 +178,9 @@ class Recorder:
 
 
 def _ids(rows, pad=0):
+    """Left-padded prompts and an empty response prefix: the arguments of common.sample before the budgets."""
     ids, mask = common._left_pad([torch.tensor(r) for r in rows], pad, "cpu")
-    return ids, mask
+    return ids, mask, ids[:, :0], mask[:, :0]
 
 
 def _budget(*values):
@@ -251,7 +253,8 @@ def test_sample_model_eos_counts_and_pads_after(lm):
 
 
 def test_sample_one_prefill_then_one_token_per_step(lm):
-    """First forward sees the whole prefix width; every later one exactly 1 token per row with the KV cache."""
+    """First forward sees the whole prefix width; every later one exactly 1 token per unfinished row with the KV cache
+    (a row whose budget is spent leaves the batch)."""
     prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12, 13]]
     rec = Recorder(lm)
     torch.manual_seed(2)
@@ -259,9 +262,8 @@ def test_sample_one_prefill_then_one_token_per_step(lm):
     assert lengths.tolist() == [4, 2, 4]
     assert rec.calls[0]["shape"] == (3, 5) and rec.calls[0]["past"] is None
     assert len(rec.calls) == 4  # prefill + one call per token still needed (none after the last step)
-    for call in rec.calls[1:]:
-        assert call["shape"] == (3, 1)
-        assert call["past"] is not None
+    assert [call["shape"] for call in rec.calls[1:]] == [(3, 1), (2, 1), (2, 1)]
+    assert all(call["past"] is not None for call in rec.calls[1:])
 
 
 def test_sample_kv_cache_matches_full_recompute(lm):
@@ -295,7 +297,9 @@ class FakeSampler:
     def __init__(self, who, stop_at=None):
         self.base, self.stop_at, self.calls = BASE[who], stop_at, []
 
-    def __call__(self, input_ids, attention_mask, max_new, min_new):
+    def __call__(self, query, query_mask, prefix, prefix_mask, max_new, min_new):
+        # recorded as the causal LM sees a state: prompt + response prefix, left-padded
+        input_ids, attention_mask = common._left_pad([torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], PAD, "cpu")
         self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
                                max_new=max_new.clone(), min_new=min_new.clone()))
         batch = input_ids.shape[0]
@@ -493,9 +497,9 @@ def test_restarts_with_real_sampler(lm, tiny):
     tokenizer = common.load_tokenizer(tiny["lm"])
     samplers = {POLICY: common.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
                 GUIDE: common.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True)}
-    query, query_mask = _ids([[4, 5, 6], [7, 8], [9, 10, 11, 12], [3]])
+    query, query_mask, no_prefix, no_prefix_mask = _ids([[4, 5, 6], [7, 8], [9, 10, 11, 12], [3]])
     n = 5
-    plain = common.sample(lm, query, query_mask, _budget(n, n, n, n), _budget(n, n, n, n), greedy=True, eos_id=EOS)[0]
+    plain = common.sample(lm, query, query_mask, no_prefix, no_prefix_mask, _budget(n, n, n, n), _budget(n, n, n, n), greedy=True, eos_id=EOS)[0]
     out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([POLICY, GUIDE, NO_ROLLIN, GUIDE]),
                                         torch.tensor([GUIDE, POLICY, POLICY, GUIDE]), n, n, torch.Generator().manual_seed(0), PAD)
     # Greedy, same model for both roles: the restarted response equals an uninterrupted greedy response.
@@ -563,7 +567,7 @@ def test_forward_matches_unpadded_per_sample(lm):
     head = torch.nn.Linear(lm.config.hidden_size, 3)
     prompts = [[4, 5, 6], [7, 8, 9, 10, 11], [12]]
     responses = [[13, 14, 15, 16], [17, 18], [19, 20, 21]]
-    query, query_mask = _ids(prompts)
+    query, query_mask, _, _ = _ids(prompts)
     n = max(map(len, responses))
     response = torch.zeros(3, n, dtype=torch.long)
     response_mask = torch.zeros(3, n, dtype=torch.bool)
@@ -586,7 +590,7 @@ def test_forward_matches_unpadded_per_sample(lm):
 
 def test_forward_logprobs_are_differentiable(lm):
     """Gradients flow to the model through forward (it is used for the PPO update)."""
-    query, query_mask = _ids([[4, 5], [6]])
+    query, query_mask, _, _ = _ids([[4, 5], [6]])
     response = torch.tensor([[7, 8], [9, 0]])
     response_mask = torch.tensor([[True, True], [True, False]])
     logprobs, _ = common.forward(lm, None, query, query_mask, response, response_mask)
@@ -629,17 +633,17 @@ def test_bag_of_words_learns_and_caches(tmp_path, monkeypatch):
 
     texts = [t for t, _ in labelled["validation"]]
     labels = torch.tensor([y for _, y in labelled["validation"]])
-    scores = model(texts)
+    scores = model.score(texts)
     assert scores.shape == (len(texts),) and ((scores > 0) & (scores < 1)).all()
     assert scores[labels].min() > scores[~labels].max()
-    assert model(["a great wonderful film"])[0] > 0.5 > model(["an awful boring film"])[0]
+    assert model(["a great"], [" wonderful film"])[0] > 0.5 > model(["an awful"], [" boring film"])[0]
 
     def no_training(*args, **kwargs):
         raise AssertionError("the second construction must load the cache, not train")
 
     monkeypatch.setattr(common.BagOfWordsSentiment, "_train", staticmethod(no_training))
     again = common.BagOfWordsSentiment(labelled)
-    assert torch.equal(again(texts), scores)
+    assert torch.equal(again.score(texts), scores)
     assert again.validation == model.validation
 
 
