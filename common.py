@@ -103,7 +103,7 @@ TASKS = {
         num_iterations=500, rollouts_per_iteration=128, minibatch_size=32, ppo_epochs=4,
         learning_rate=1e-5, lr_schedule="linear", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
         vf_coef=30.0, kl_coef=0.0, mle_coef=0.1, max_grad_norm=1.0,
-        eval_every=50, eval_size=4018, save_every=50,
+        eval_every=50, eval_size=1000, save_every=50,  # every validation concept set
         beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=200,
     ),
     # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the

@@ -1,7 +1,6 @@
 """The benchmark scripts run end to end on the tiny assets and print/write their figures."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -50,6 +50,12 @@ def test_imdb_offline_fails_fast_and_clearly():
         assert needed in done.stderr
 
 
+def test_commongen_offline_fails_fast_and_clearly():
+    done, seconds = cli("ppo.py", "--task", "commongen")
+    assert seconds < 60 and done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--dataset-name allenai/common_gen" in done.stderr and "--model-name t5-base" in done.stderr
+
+
 def test_imdb_path_on_local_copies(tiny):
     """Prompts are the review's first tokens (at most prompt_len, at most half), references their continuation."""
     import common
