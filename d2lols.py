@@ -78,7 +78,9 @@ class Args:
     ppo_epochs: Optional[int] = None
     """passes over each iteration's episodes"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate (policy and value head)"""
+    """AdamW learning rate of the policy"""
+    vf_learning_rate: Optional[float] = None
+    """AdamW learning rate of the value head (its own parameter group: a zero-initialised linear head needs more)"""
     lr_schedule: Optional[str] = None
     """constant or linear (decay to 0)"""
     gamma: Optional[float] = None
@@ -106,6 +108,7 @@ class Args:
 
 
 def main(args):
+    common.check(args.beta is None or 0 <= args.beta <= 1, f"--beta must be in [0, 1], got {args.beta}")
     args.beta1, args.beta2 = (args.beta1 if args.beta1 is not None else args.beta), (args.beta2 if args.beta2 is not None else args.beta)
     common.fill_from_preset(args, beta1="beta_aggrevated", beta2="beta_ppo_pp", alpha="d2lols_alpha")
     args.guide_name = args.guide_name or args.model_name
@@ -123,12 +126,12 @@ def main(args):
     reference, policy = common.load_reference_and_policy(args, device)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)
-    value_head = torch.nn.Linear(policy.config.hidden_size, 2).to(device)  # [V^{pi_theta}, V^{pi_g}]
-    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+    value_head = common.value_head(policy, 2, device)  # [V^{pi_theta}, V^{pi_g}]
     guide_sampler, guide = common.load_guide(args.guide_name, tokenizer, frozen_lms, device, args.top_k, args.guide_top_p)
     samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p), GUIDE: guide_sampler}
 
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_head.parameters()], lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value_head.parameters(), "lr": args.vf_learning_rate}],
+                                  lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
@@ -140,11 +143,11 @@ def main(args):
     eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
 
     def evaluate():
-        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
 
     if start == 0:
         metrics, samples = evaluate()
-        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")
@@ -162,7 +165,7 @@ def main(args):
         rollin_by = torch.where(guide_rollin, NO_ROLLIN, POLICY) if aggrevated_phase else torch.where(guide_rollin, GUIDE, NO_ROLLIN)
         rollout_by = torch.full((len(batch),), GUIDE if aggrevated_phase else POLICY, device=device)
         rollout = common.generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens,
-                                                args.min_new_tokens, rng, tokenizer.pad_token_id)
+                                                args.min_new_tokens, rng, tokenizer.pad_token_id, tokenizer.eos_token_id)
         response, response_mask, by_guide = rollout["response"], rollout["response_mask"], rollout["by_guide"]
         generate_time = time.time() - iteration_start
 
@@ -171,7 +174,7 @@ def main(args):
         texts = common.decode_responses(tokenizer, response, response_mask)
         scores = reward_fn(prompts, texts).to(device)
         with torch.no_grad():
-            old_logprobs, old_values = common.forward(policy, value_head, query, query_mask, response, response_mask)
+            old_logprobs, old_values, entropy = common.forward(policy, value_head, query, query_mask, response, response_mask, entropy=True)
             ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
         kl = (old_logprobs - ref_logprobs) * policy_tokens
         rewards = -args.kl_coef * kl
@@ -183,11 +186,11 @@ def main(args):
         policy_mask = response_mask & ~by_guide
         value_mask = response_mask & (by_guide if aggrevated_phase else ~by_guide)
         values = old_values[..., critic]
-        advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
+        advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda, rollin=policy_mask if aggrevated_phase else None)
         advantages = common.masked_whiten(advantages, policy_mask)
 
         # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references.
-        stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl")}
+        stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm")}
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(batch)).split(args.minibatch_size):
                 logprobs, new_values = common.forward(policy, value_head, query[mb], query_mask[mb], response[mb], response_mask[mb])
@@ -204,13 +207,14 @@ def main(args):
                 loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 with torch.no_grad():
                     stats["loss/policy"].append(pg_loss.item())
                     stats["loss/value"].append(vf_loss.item())
                     stats["loss/mle"].append(mle_loss.item())
+                    stats["grad_norm"].append(grad_norm.item())
                     stats["policy/clipfrac"].append(common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mb]).item())
                     stats["policy/approx_kl"].append(common.masked_mean(0.5 * log_ratio**2, policy_mask[mb]).item())
 
@@ -218,6 +222,8 @@ def main(args):
         row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
                "train/reward": scores.mean().item(), "train/kl": kl.sum(1).mean().item(),
                "train/response_length": response_mask.sum(1).float().mean().item(),
+               "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
+               "critic/explained_variance": common.explained_variance(values, returns, value_mask),
                **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
                "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start,
                "rlgf/guide_rollin_share": guide_rollin.float().mean().item(), "rlgf/aggrevated_phase": int(aggrevated_phase),

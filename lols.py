@@ -60,7 +60,11 @@ class Args:
     guide_top_p: Optional[float] = None
     """nucleus mass of the guide's sampling (with --top-k)"""
     beta: Optional[float] = None
-    """the guide's share of rollins, for both kinds of sample"""
+    """the guide's share of rollins of both kinds of sample (sets --beta1 and --beta2)"""
+    beta1: Optional[float] = None
+    """the guide's share of rollins of AggreVaTeD samples (overrides --beta)"""
+    beta2: Optional[float] = None
+    """the guide's share of rollins of PPO++ samples (overrides --beta)"""
     alpha: Optional[float] = None
     """the probability that a sample is a PPO++ sample (else an AggreVaTeD sample)"""
 
@@ -74,7 +78,9 @@ class Args:
     ppo_epochs: Optional[int] = None
     """passes over each iteration's episodes"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate (policy and value head)"""
+    """AdamW learning rate of the policy"""
+    vf_learning_rate: Optional[float] = None
+    """AdamW learning rate of the value head (its own parameter group: a zero-initialised linear head needs more)"""
     lr_schedule: Optional[str] = None
     """constant or linear (decay to 0)"""
     gamma: Optional[float] = None
@@ -102,9 +108,11 @@ class Args:
 
 
 def main(args):
-    common.fill_from_preset(args, beta="beta_ppo_pp", alpha="lols_alpha")
+    common.check(args.beta is None or 0 <= args.beta <= 1, f"--beta must be in [0, 1], got {args.beta}")
+    args.beta1, args.beta2 = (args.beta1 if args.beta1 is not None else args.beta), (args.beta2 if args.beta2 is not None else args.beta)
+    common.fill_from_preset(args, beta1="beta_aggrevated", beta2="beta_ppo_pp", alpha="lols_alpha")
     args.guide_name = args.guide_name or args.model_name
-    common.check_probability(args.beta, "--beta"), common.check_probability(args.alpha, "--alpha")
+    common.check_probability(args.beta1, "--beta1"), common.check_probability(args.beta2, "--beta2"), common.check_probability(args.alpha, "--alpha")
     common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
     path = common.run_dir(args)
     common.seed_everything(args.seed)
@@ -117,12 +125,12 @@ def main(args):
     reference, policy = common.load_reference_and_policy(args, device)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)
-    value_head = torch.nn.Linear(policy.config.hidden_size, 2).to(device)  # [V^{pi_theta}, V^{pi_g}]
-    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+    value_head = common.value_head(policy, 2, device)  # [V^{pi_theta}, V^{pi_g}]
     guide_sampler, guide = common.load_guide(args.guide_name, tokenizer, frozen_lms, device, args.top_k, args.guide_top_p)
     samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p), GUIDE: guide_sampler}
 
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_head.parameters()], lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value_head.parameters(), "lr": args.vf_learning_rate}],
+                                  lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
@@ -134,11 +142,11 @@ def main(args):
     eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
 
     def evaluate():
-        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
 
     if start == 0:
         metrics, samples = evaluate()
-        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")
@@ -150,14 +158,14 @@ def main(args):
         query, query_mask = common.tokenize_prompts(tokenizer, prompts, args.prompt_len, args.truncation_side, device)
         ref_tokens, ref_mask = common.tokenize_responses(tokenizer, references, args.max_new_tokens, device)
 
-        # ALGO LOGIC: collect. Alg. 4: per sample, with probability alpha Alg. 1's PPO++ (rollout pi_theta), else
-        # Alg. 2's AggreVaTeD (rollout pi_g); both roll in with beta d^{pi_g} + (1 - beta) d^{pi_theta}.
+        # ALGO LOGIC: collect. Alg. 4: per sample, with probability alpha Alg. 1's PPO++ (rollout pi_theta, rollin beta2),
+        # else Alg. 2's AggreVaTeD (rollout pi_g, rollin beta1); rollin with beta d^{pi_g} + (1 - beta) d^{pi_theta}.
         ppo_pp_sample = (torch.rand(len(batch), generator=rng) < args.alpha).to(device)
-        guide_rollin = (torch.rand(len(batch), generator=rng) < args.beta).to(device)
+        guide_rollin = (torch.rand(len(batch), generator=rng) < torch.where(ppo_pp_sample.cpu(), args.beta2, args.beta1)).to(device)
         rollin_by = torch.where(ppo_pp_sample, torch.where(guide_rollin, GUIDE, NO_ROLLIN), torch.where(guide_rollin, NO_ROLLIN, POLICY))
         rollout_by = torch.where(ppo_pp_sample, POLICY, GUIDE)
         rollout = common.generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens,
-                                                args.min_new_tokens, rng, tokenizer.pad_token_id)
+                                                args.min_new_tokens, rng, tokenizer.pad_token_id, tokenizer.eos_token_id)
         response, response_mask, by_guide = rollout["response"], rollout["response_mask"], rollout["by_guide"]
         generate_time = time.time() - iteration_start
 
@@ -166,22 +174,24 @@ def main(args):
         texts = common.decode_responses(tokenizer, response, response_mask)
         scores = reward_fn(prompts, texts).to(device)
         with torch.no_grad():
-            old_logprobs, old_values = common.forward(policy, value_head, query, query_mask, response, response_mask)
+            old_logprobs, old_values, entropy = common.forward(policy, value_head, query, query_mask, response, response_mask, entropy=True)
             ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
         kl = (old_logprobs - ref_logprobs) * policy_tokens
         rewards = -args.kl_coef * kl
         rewards[torch.arange(len(batch), device=device), common.last_token_index(response_mask)] += scores
 
         # ALGO LOGIC: advantages. GAE with each sample's critic: V^{pi_theta} trained on a PPO++ sample's pi_theta tokens,
-        # V^{pi_g} on an AggreVaTeD sample's guide tokens; the policy loss covers pi_theta's tokens in both.
+        # V^{pi_g} on an AggreVaTeD sample's guide tokens (whose rollin tokens get A^{pi_g}); the policy loss covers
+        # pi_theta's tokens in both, each kind whitened apart (two critics, two scales).
+        kind = ppo_pp_sample[:, None]
         policy_mask = response_mask & ~by_guide
-        value_mask = response_mask & torch.where(ppo_pp_sample[:, None], ~by_guide, by_guide)
-        values = torch.where(ppo_pp_sample[:, None], old_values[..., 0], old_values[..., 1])
-        advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
-        advantages = common.masked_whiten(advantages, policy_mask)
+        value_mask = response_mask & torch.where(kind, ~by_guide, by_guide)
+        values = torch.where(kind, old_values[..., 0], old_values[..., 1])
+        advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda, rollin=policy_mask & ~kind)
+        advantages = common.masked_whiten(advantages, policy_mask & kind) + common.masked_whiten(advantages, policy_mask & ~kind)
 
         # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references.
-        stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl",
+        stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm",
                                  "loss/value_policy_critic", "loss/value_guide_critic")}
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(batch)).split(args.minibatch_size):
@@ -189,8 +199,9 @@ def main(args):
                 log_ratio = logprobs - old_logprobs[mb]
                 ratio = log_ratio.exp()
                 pg_losses = torch.max(-advantages[mb] * ratio, -advantages[mb] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
-                pg_loss = common.masked_mean(pg_losses, policy_mask[mb])
-                v_new = torch.where(ppo_pp_sample[mb, None], new_values[..., 0], new_values[..., 1])
+                # Alg. 4: alpha A^{pi_theta} + (1 - alpha) A^{pi_g}: each kind's tokens averaged apart, then weighted
+                pg_loss = args.alpha * common.masked_mean(pg_losses, policy_mask[mb] & kind[mb]) + (1 - args.alpha) * common.masked_mean(pg_losses, policy_mask[mb] & ~kind[mb])
+                v_new = torch.where(kind[mb], new_values[..., 0], new_values[..., 1])
                 v_clipped = values[mb] + (v_new - values[mb]).clamp(-args.vf_clip_range, args.vf_clip_range)
                 vf_losses = torch.max((v_new - returns[mb]) ** 2, (v_clipped - returns[mb]) ** 2)
                 vf_loss = 0.5 * common.masked_mean(vf_losses, value_mask[mb])
@@ -199,15 +210,16 @@ def main(args):
                 loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 with torch.no_grad():
                     stats["loss/policy"].append(pg_loss.item())
                     stats["loss/value"].append(vf_loss.item())
-                    stats["loss/value_policy_critic"].append(0.5 * common.masked_mean(vf_losses, value_mask[mb] & ppo_pp_sample[mb, None]).item())
-                    stats["loss/value_guide_critic"].append(0.5 * common.masked_mean(vf_losses, value_mask[mb] & ~ppo_pp_sample[mb, None]).item())
+                    stats["loss/value_policy_critic"].append(0.5 * common.masked_mean(vf_losses, value_mask[mb] & kind[mb]).item())
+                    stats["loss/value_guide_critic"].append(0.5 * common.masked_mean(vf_losses, value_mask[mb] & ~kind[mb]).item())
                     stats["loss/mle"].append(mle_loss.item())
+                    stats["grad_norm"].append(grad_norm.item())
                     stats["policy/clipfrac"].append(common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mb]).item())
                     stats["policy/approx_kl"].append(common.masked_mean(0.5 * log_ratio**2, policy_mask[mb]).item())
 
@@ -215,6 +227,10 @@ def main(args):
         row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
                "train/reward": scores.mean().item(), "train/kl": kl.sum(1).mean().item(),
                "train/response_length": response_mask.sum(1).float().mean().item(),
+               "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
+               "critic/explained_variance": common.explained_variance(values, returns, value_mask),
+               "critic/explained_variance_policy_critic": common.explained_variance(values, returns, value_mask & kind),
+               "critic/explained_variance_guide_critic": common.explained_variance(values, returns, value_mask & ~kind),
                **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
                "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start,
                "rlgf/guide_rollin_share": guide_rollin.float().mean().item(), "rlgf/ppo_pp_share": ppo_pp_sample.float().mean().item(),

@@ -126,8 +126,9 @@ def constant_guide(query, query_mask, prefix, prefix_mask, max_new, min_new):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records what the scripts pass to the shared helpers: every rollout, policy mask (the whitening mask) and
-    masked_mean call, in order."""
+    """Records what the scripts pass to the shared helpers: every rollout, the policy mask of each iteration (the union
+    of the masks it whitens over) and the mask of every masked_mean that makes a term of the loss, in order ("rollout"
+    marks where an iteration starts)."""
     import common
 
     seen = {"rollouts": [], "policy_masks": [], "masked_means": []}
@@ -136,22 +137,105 @@ def spy(monkeypatch):
     def generate_spy(*args, **kwargs):
         out = generate(*args, **kwargs)
         seen["rollouts"].append({k: v.clone() for k, v in out.items()})
+        seen["policy_masks"].append(torch.zeros_like(out["response_mask"]))
+        seen["masked_means"].append("rollout")
         return out
 
     def whiten_spy(x, mask, *args):
-        seen["policy_masks"].append(mask.clone())
-        seen["masked_means"].append("whiten")  # marks the start of an update; whitening's own means are not recorded
-        monkeypatch.setattr(common, "masked_mean", mean)
+        seen["policy_masks"][-1] |= mask.bool()
+        monkeypatch.setattr(common, "masked_mean", mean)  # whitening's own means are not recorded
         try:
             return whiten(x, mask, *args)
         finally:
             monkeypatch.setattr(common, "masked_mean", mean_spy)
 
     def mean_spy(x, mask):
-        seen["masked_means"].append(mask.detach().clone())
+        if torch.is_grad_enabled() and x.requires_grad:  # the terms of the loss, not the logged statistics
+            seen["masked_means"].append(mask.detach().clone())
         return mean(x, mask)
 
     monkeypatch.setattr(common, "generate_with_restarts", generate_spy)
     monkeypatch.setattr(common, "masked_whiten", whiten_spy)
     monkeypatch.setattr(common, "masked_mean", mean_spy)
     return seen
+
+
+class PositiveWords:
+    """A reward a tiny policy can learn in a few iterations: the share of a generation's words that are POSITIVE.
+    Appends ("reward", scores) to `events` at every call."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def __call__(self, prompts, generations):
+        scores = torch.tensor([sum(w in POSITIVE for w in g.split()) / max(1, len(g.split())) for g in generations])
+        self.events.append(("reward", scores))
+        return scores
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Swaps the task reward for PositiveWords and records, in order, what one run passes through the shared helpers:
+    each rollout (its arguments and outputs), each forward pass (model, inputs, outputs), each minibatch order and each
+    loss that is backpropagated. A test can then recompute the whole objective by hand."""
+    import common
+
+    events = []
+    reward = PositiveWords(events)
+    generate, forward, randperm, backward = common.generate_with_restarts, common.forward, torch.randperm, torch.Tensor.backward
+
+    def generate_spy(samplers, query, query_mask, rollin_by, rollout_by, *args, **kwargs):
+        out = generate(samplers, query, query_mask, rollin_by, rollout_by, *args, **kwargs)
+        events.append(("rollout", dict(query=query.clone(), rollin_by=rollin_by.clone(), rollout_by=rollout_by.clone(),
+                                       scores=None, **{k: v.clone() for k, v in out.items()})))
+        return out
+
+    def forward_spy(model, value_head, query, query_mask, response, response_mask, **kwargs):
+        out = forward(model, value_head, query, query_mask, response, response_mask, **kwargs)
+        events.append(("forward", dict(model=model, head=value_head is not None, grad=torch.is_grad_enabled(), query=query.clone(),
+                                       response=response.clone(), response_mask=response_mask.clone(),
+                                       logprobs=out[0].detach().clone(), values=None if out[1] is None else out[1].detach().clone())))
+        return out
+
+    def randperm_spy(*args, **kwargs):
+        out = randperm(*args, **kwargs)
+        events.append(("randperm", out.clone()))
+        return out
+
+    def backward_spy(self, *args, **kwargs):
+        events.append(("backward", self.item()))
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(common, "generate_with_restarts", generate_spy)
+    monkeypatch.setattr(common, "forward", forward_spy)
+    monkeypatch.setattr(common, "load_reward", lambda *args: reward)
+    monkeypatch.setattr(torch, "randperm", randperm_spy)
+    monkeypatch.setattr(torch.Tensor, "backward", backward_spy)
+    return events
+
+
+def iterations(events):
+    """The recorded events of each training iteration: its rollout (with the task scores it got), the forward passes
+    of the score step (old, reference), the minibatch order, and per minibatch step its two forward passes (policy and
+    value, MLE) and the loss that was backpropagated."""
+    out, current = [], None
+    for kind, data in events:
+        if kind == "rollout":
+            current = dict(rollout=data, score_forwards=[], perms=[], steps=[])
+            out.append(current)
+        elif current is None:  # the evaluation before training
+            continue
+        elif kind == "reward" and current["rollout"]["scores"] is None:
+            current["rollout"]["scores"] = data
+        elif kind == "forward" and len(current["score_forwards"]) < 2:
+            current["score_forwards"].append(data)
+        elif kind == "randperm":
+            current["perms"].append(data)
+        elif kind == "forward" and data["grad"]:
+            if data["head"]:
+                current["steps"].append(dict(new=data))
+            else:
+                current["steps"][-1]["mle"] = data
+        elif kind == "backward":
+            current["steps"][-1]["loss"] = data
+    return out  # (no-grad forward passes after the score step are evaluations: left out)
