@@ -1,6 +1,7 @@
 """Invariants of the five algorithm scripts, run end to end on the tiny assets (see conftest.py)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -196,10 +197,13 @@ def test_end_to_end(tiny, tmp_path, name):
     """Each script writes metrics.jsonl (eval at 0 and at the end) and a from_pretrained checkpoint that moved."""
     run_dir, metrics = run(name, tiny, tmp_path, num_iterations=2, eval_every=0)
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
     for key in ("eval/reward", "eval/perplexity", "eval/output_perplexity"):
         assert key in metrics[0] and key in metrics[-1] and key not in metrics[1]
-    for key in ("train/reward", "train/kl", "loss/policy", "loss/value", "loss/mle", "episodes"):
+    for key in ("train/reward", "train/kl", "loss/policy", "loss/value", "loss/mle", "episodes", "grad_norm", "policy/entropy"):
         assert key in metrics[1]
+    assert metrics[-1]["episodes"] == 2 * metrics[1]["episodes"] > 0 and metrics[1]["grad_norm"] > 0
+    assert 0 < metrics[-1]["eval/reward"] < 1 and metrics[-1]["eval/perplexity"] > 1
     if name != "ppo":
         assert "eval/guide_reward" in metrics[0]
         assert {"rlgf/guide_rollin_share", "rlgf/restart_mean", "rlgf/policy_token_share"} <= set(metrics[1])

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -30,6 +32,10 @@ def test_overhead_prints_ratios(tiny):
     done = subprocess.run([sys.executable, "benchmark/overhead.py", "--scripts", "ppo", "ppo_pp", "--iterations", "2", "--",
                            *tiny_flags(tiny), "--rollouts-per-iteration", "4", "--minibatch-size", "4"],
                           cwd=ROOT, check=True, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    assert lines[1].startswith("ppo ") and lines[1].endswith("1.00x")
-    assert lines[2].startswith("ppo_pp ")
+    header, *lines = done.stdout.strip().splitlines()
+    assert "(median of 1 iterations)" in header  # 2 iterations, the first dropped as warm-up
+    table = {name: (float(it), float(gen), float(ratio.rstrip("x"))) for name, it, gen, ratio in map(str.split, lines)}
+    assert list(table) == ["ppo", "ppo_pp"]
+    for name, (iteration_s, generate_s, ratio) in table.items():
+        assert 0 < generate_s < iteration_s  # generation is part of an iteration
+        assert ratio == pytest.approx(iteration_s / table["ppo"][0], rel=0.02, abs=0.006)  # to the first script (printed rounded)

@@ -508,6 +508,51 @@ def test_restarts_with_real_sampler(lm, tiny):
     assert out["by_guide"].tolist()[3] == [True] * n
 
 
+@pytest.mark.parametrize("kind", ["lm", "t5"])
+def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
+    """What each token was sampled from is what the training forward scores: for every token of every rollin and
+    rollout (restarts prefill the prompt + kept prefix at once, then decode from the KV cache; prompts left-padded),
+    the sampler's log-softmax equals forward's at that position within 1e-4. Decoder-only and encoder-decoder."""
+    tokenizer = common.load_tokenizer(tiny[kind])
+    policy, guide = common.load_lm(tiny[kind], "cpu"), common.load_lm(tiny["lm2"] if kind == "lm" else tiny[kind], "cpu")
+    step_logits, calls = [], []
+    for model in (policy, guide):  # every model call inside `sample` is the prefill or one decoding step
+        model.register_forward_hook(lambda module, args, out: step_logits.append(out.logits[:, -1].float().clone()))
+    sample = common.sample
+
+    def sample_spy(model, query, query_mask, prefix, prefix_mask, *args, **kwargs):
+        step_logits.clear()
+        tokens, lengths = sample(model, query, query_mask, prefix, prefix_mask, *args, **kwargs)
+        calls.append((model, query, query_mask, prefix, prefix_mask, tokens, lengths, list(step_logits)))
+        return tokens, lengths
+
+    monkeypatch.setattr(common, "sample", sample_spy)
+    samplers = {POLICY: common.sampler(policy, tokenizer, top_k=0, top_p=1.0), GUIDE: common.sampler(guide, tokenizer, top_k=0, top_p=1.0)}
+    prompts = ["the film was", "a great and moving story of it", "dull", "this movie is a mess but the actors", "fun", "the plot", "it was", "a"]
+    query, query_mask = common.tokenize_prompts(tokenizer, prompts, 8, "left", "cpu")
+    torch.manual_seed(0)
+    out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([NO_ROLLIN, POLICY, GUIDE, POLICY, GUIDE, NO_ROLLIN, POLICY, GUIDE]),
+                                        torch.tensor([POLICY, GUIDE, POLICY, POLICY, GUIDE, GUIDE, GUIDE, POLICY]), 6, 2,
+                                        torch.Generator().manual_seed(0), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert (out["restart_at"] > 0).sum() >= 4 and len(calls) == 4  # rollins by both, rollouts by both
+    compared = 0
+    for model, q, qm, prefix, prefix_mask, tokens, lengths, logits in calls:
+        h = prefix_mask.sum(1)
+        rows = [torch.cat([p[m], t[:n]]) for p, m, t, n in zip(prefix, prefix_mask, tokens, lengths.tolist())]
+        width = max(len(r) for r in rows)
+        response = torch.stack([torch.cat([r, r.new_full((width - len(r),), tokenizer.pad_token_id)]) for r in rows])
+        response_mask = torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]
+        with torch.no_grad():
+            scored = common._logits(model, q, qm, response, response_mask)[0].log_softmax(-1)
+        assert len(logits) >= int(lengths.max())
+        for t in range(int(lengths.max())):  # step t: the rows still decoding, in order (the prefill holds all rows)
+            active = (lengths > t).nonzero().squeeze(1)
+            sampled = (logits[t][active] if t == 0 else logits[t]).log_softmax(-1)
+            assert torch.allclose(sampled, scored[active, h[active] + t], atol=1e-4), (t, active)
+            compared += len(active)
+    assert compared == sum(int(c[6].sum()) for c in calls) > int(out["response_mask"].sum())  # every sampled token, the cut rollins' too
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenization and decoding
 # ---------------------------------------------------------------------------------------------------------------

@@ -177,3 +177,19 @@ def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
 
 LEARNING = dict(num_iterations=8, rollouts_per_iteration=16, minibatch_size=8, ppo_epochs=2, learning_rate=1e-2,
                 vf_learning_rate=3e-2, eval_every=0, eval_size=16, guide_name="conftest:constant_guide", beta=0.0)
+
+
+@pytest.mark.parametrize("case", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"])
+def test_first_minibatch_ratio_is_exactly_one(tiny, tmp_path, recorder, case):
+    """The first minibatch of each iteration sees the weights that scored the rollout: its log-probs equal the old ones
+    bit for bit (ratio 1, approx_kl 0), with and without restarts (PPO++ with beta = 1: every sample has a prefix)."""
+    name, extra = CASES[case]
+    extra = dict(beta=1.0) if case == "ppo_pp" else extra
+    run(name, tiny, tmp_path, num_iterations=2, **{**SETTINGS, **extra})
+    for it in iterations(recorder):
+        first = it["perms"][0][: SETTINGS["minibatch_size"]]
+        old, new = it["score_forwards"][0]["logprobs"][first], it["steps"][0]["new"]["logprobs"]
+        mask = it["rollout"]["response_mask"][first]
+        assert torch.equal(new[mask], old[mask])
+        if case == "ppo_pp":
+            assert (it["rollout"]["restart_at"][first] > 0).all()
