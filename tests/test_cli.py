@@ -62,7 +62,7 @@ def test_commongen_offline_fails_fast_and_clearly():
 
 
 def test_imdb_path_on_local_copies(tiny):
-    """Prompts are the review's first tokens (at most prompt_len, at most half), references their continuation."""
+    """Prompt = the first half of the review's words, its last prompt_len tokens; reference = the continuation."""
     import common
 
     tokenizer = common.load_tokenizer(tiny["lm"])
@@ -72,7 +72,8 @@ def test_imdb_path_on_local_copies(tiny):
     for prompt, reference in data["train"]:
         assert len(tokenizer(prompt, add_special_tokens=False).input_ids) == 5
         assert len(tokenizer(reference, add_special_tokens=False).input_ids) == 4
-        assert any(o.startswith((prompt + reference).strip()) for o in originals)
+        matches = [o for o in originals if (prompt + reference).strip() in o]
+        assert len(matches) == 1 and matches[0].index(reference.strip()) == len(" ".join(matches[0].split()[: len(matches[0].split()) // 2])) + 1
     assert sum(positive for _, positive in labelled["train"]) == 32
 
 
