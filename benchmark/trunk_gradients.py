@@ -1,6 +1,7 @@
 """Where the gradient into pi_theta's own weights comes from. The value head sits on the policy's last hidden state, so
 the value loss (times vf_coef) trains the policy's trunk too; this prints, per term of the loss, the norm of the
-gradient it sends into the policy's weights (the value head excluded), medians over every minibatch step of a run.
+gradient it sends into the policy's weights (the value head excluded): the median over a run's minibatch steps and
+the last step's (a zero-initialised head sends nothing at first; its share grows as the head's weights do).
 
     python benchmark/trunk_gradients.py -- --task concepts --vf-coef 30 --num-iterations 2
     python benchmark/trunk_gradients.py --script aggrevated -- --task concepts --vf-coef 0.5
@@ -62,11 +63,12 @@ def main(args, extra):
     finally:
         common.masked_mean, common.forward, torch.Tensor.backward = mean, forward, backward
     steps = len(norms["all terms"])
-    print(f"gradient norm into the policy's weights (not the value head), median of {steps} minibatch steps; "
+    print(f"gradient norm into the policy's weights (not the value head) over {steps} minibatch steps; "
           f"vf_coef {script_args.vf_coef}, max_grad_norm {script_args.max_grad_norm}")
+    print(f"{'term':<22} {'median':>10} {'last step':>10}   median / the policy loss's")
     base = statistics.median(norms["policy loss"])
     for name, values in norms.items():
-        print(f"{name:<22} {statistics.median(values):>10.4f}   {statistics.median(values) / base:>8.2f}x the policy loss's")
+        print(f"{name:<22} {statistics.median(values):>10.4f} {values[-1]:>10.4f}   {statistics.median(values) / base:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ def test_trunk_gradients_splits_the_loss(tiny, tmp_path):
                            "--num-iterations", "1", "--rollouts-per-iteration", "8", "--minibatch-size", "4", "--vf-coef", "30",
                            "--ppo-epochs", "1", "--eval-every", "0", "--eval-size", "4", "--output-dir", str(tmp_path)],
                           cwd=ROOT, check=True, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()[-5:]
-    assert "median of 2 minibatch steps; vf_coef 30.0" in lines[0]
-    norms = {line[:22].strip(): float(line[22:].split()[0]) for line in lines[1:]}
+    lines = done.stdout.strip().splitlines()[-6:]
+    assert "over 2 minibatch steps; vf_coef 30.0" in lines[0]
+    norms = {line[:22].strip(): float(line[22:].split()[0]) for line in lines[2:]}
     assert list(norms) == ["policy loss", "value loss x vf_coef", "MLE x mle_coef", "all terms"]
     assert all(v > 0 for v in norms.values())
     assert norms["all terms"] <= 1.0001 * (norms["policy loss"] + norms["value loss x vf_coef"] + norms["MLE x mle_coef"])
