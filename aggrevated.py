@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 import common
+import tasks
 from common import GUIDE, NO_ROLLIN, POLICY
 
 
@@ -102,18 +103,18 @@ class Args:
 
 
 def main(args):
-    common.fill_from_preset(args, beta="beta_aggrevated")
+    tasks.fill_from_preset(args, beta="beta_aggrevated")
     args.guide_name = args.guide_name or args.model_name
     common.check_probability(args.beta, "--beta")
-    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
+    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
     path = common.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
     rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, reward_data = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, data, reward_data, device)
+    data, reward_data = tasks.load_data(args, tokenizer)
+    reward_fn = tasks.load_reward(args, data, reward_data, device)
     reference, policy = common.load_reference_and_policy(args, device)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 import common
+import tasks
 from common import NO_ROLLIN, POLICY
 
 
@@ -95,16 +96,16 @@ class Args:
 
 
 def main(args):
-    common.fill_from_preset(args)
-    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
+    tasks.fill_from_preset(args)
+    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
     path = common.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
     rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only (PPO draws none)
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, reward_data = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, data, reward_data, device)
+    data, reward_data = tasks.load_data(args, tokenizer)
+    reward_fn = tasks.load_reward(args, data, reward_data, device)
     reference, policy = common.load_reference_and_policy(args, device)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)

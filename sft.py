@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 import common
+import tasks
 
 
 @dataclass
@@ -67,15 +68,15 @@ class Args:
 def main(args):
     common.check(args.resume is None, "sft.py has no --resume")
     common.check(args.num_epochs > 0 and args.batch_size >= 1, "--num-epochs and --batch-size must be positive")
-    common.fill_from_preset(args)
-    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
+    tasks.fill_from_preset(args)
+    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
     path = common.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, reward_data = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, data, reward_data, device)
+    data, reward_data = tasks.load_data(args, tokenizer)
+    reward_fn = tasks.load_reward(args, data, reward_data, device)
     policy = common.load_lm(args.model_name, device)
     eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device))
     sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)

@@ -1,5 +1,5 @@
 """The scripts as a user runs them: one-line errors for bad input, a fast and clear failure for hub-only assets
-offline, the imdb loading path on local files, and the offline default task end to end on a tiny budget."""
+offline, and the offline default task end to end on a tiny budget."""
 
 import importlib.util
 import json
@@ -59,22 +59,6 @@ def test_commongen_offline_fails_fast_and_clearly():
     done, seconds = cli("ppo.py", "--task", "commongen")
     assert seconds < 60 and done.returncode == 2 and "Traceback" not in done.stderr
     assert "--dataset-name allenai/common_gen" in done.stderr and "--model-name t5-base" in done.stderr
-
-
-def test_imdb_path_on_local_copies(tiny):
-    """Prompt = the first half of the review's words, its last prompt_len tokens; reference = the continuation."""
-    import common
-
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    data, labelled = common.load_imdb(tiny["imdb"], tokenizer, prompt_len=5, max_new_tokens=4)
-    assert len(data["train"]) == 64 and len(data["validation"]) == len(data["test"]) == 24
-    originals = {text for text, _ in labelled["train"]}
-    for prompt, reference in data["train"]:
-        assert len(tokenizer(prompt, add_special_tokens=False).input_ids) == 5
-        assert len(tokenizer(reference, add_special_tokens=False).input_ids) == 4
-        matches = [o for o in originals if (prompt + reference).strip() in o]
-        assert len(matches) == 1 and matches[0].index(reference.strip()) == len(" ".join(matches[0].split()[: len(matches[0].split()) // 2])) + 1
-    assert sum(positive for _, positive in labelled["train"]) == 32
 
 
 def test_offline_default_end_to_end(tmp_path):

@@ -1,7 +1,6 @@
-"""Unit tests of common.py: GAE, whitening, sampling, logit filtering, generation with restarts, batching, the
-forward pass, the bag-of-words reward and the Rotten Tomatoes splits. Everything runs offline on CPU in seconds."""
+"""Unit tests of common.py: GAE, whitening, sampling, logit filtering, generation with restarts, batching and the
+forward pass (the tasks' data and rewards: test_tasks.py). Everything runs offline on CPU in seconds."""
 
-import os
 import random
 from collections import Counter
 
@@ -644,97 +643,3 @@ def test_forward_logprobs_are_differentiable(lm):
     common.masked_mean(logprobs, response_mask).backward()
     assert lm.transformer.wte.weight.grad.abs().sum() > 0
     lm.zero_grad()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# BagOfWordsSentiment
-# ---------------------------------------------------------------------------------------------------------------
-GOOD = "great wonderful superb charming delightful".split()
-BAD = "awful dull boring terrible tedious".split()
-FILLER = "the a film movie story plot was and of it".split()
-
-
-def _reviews(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        positive = i % 2 == 0
-        words = [rng.choice(FILLER) for _ in range(8)] + [rng.choice(GOOD if positive else BAD) for _ in range(2)]
-        rng.shuffle(words)
-        out.append((" ".join(words), positive))
-    return out
-
-
-def test_bag_of_words_learns_and_caches(tmp_path, monkeypatch):
-    """Positive texts score above negative ones, validation has accuracy/auc, and a second construction loads the
-    cache file (no training) with identical outputs."""
-    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
-    labelled = {"train": _reviews(120, 0), "validation": _reviews(40, 1)}
-    model = common.BagOfWordsSentiment(labelled)
-    assert set(model.validation) >= {"accuracy", "auc"}
-    assert model.validation["accuracy"] >= 0.9 and model.validation["auc"] >= 0.95
-    files = os.listdir(tmp_path / "cache")
-    assert len(files) == 1 and files[0].startswith("bow_logreg_")
-
-    texts = [t for t, _ in labelled["validation"]]
-    labels = torch.tensor([y for _, y in labelled["validation"]])
-    scores = model.score(texts)
-    assert scores.shape == (len(texts),) and ((scores > 0) & (scores < 1)).all()
-    assert scores[labels].min() > scores[~labels].max()
-    assert model(["a great"], [" wonderful film"])[0] > 0.5 > model(["an awful"], [" boring film"])[0]
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the second construction must load the cache, not train")
-
-    monkeypatch.setattr(common.BagOfWordsSentiment, "_train", staticmethod(no_training))
-    again = common.BagOfWordsSentiment(labelled)
-    assert torch.equal(again.score(texts), scores)
-    assert again.validation == model.validation
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rotten Tomatoes splits
-# ---------------------------------------------------------------------------------------------------------------
-def test_movie_split_deterministic_and_roughly_80_10_10():
-    """_movie_split is a pure function of the name and splits ~80/10/10 over many names."""
-    names = [f"movie_{i}" for i in range(5000)]
-    splits = [common._movie_split(n) for n in names]
-    assert splits == [common._movie_split(n) for n in names]
-    counts = Counter(splits)
-    assert set(counts) == {"train", "validation", "test"}
-    assert abs(counts["train"] / 5000 - 0.8) < 0.03
-    assert abs(counts["validation"] / 5000 - 0.1) < 0.02 and abs(counts["test"] / 5000 - 0.1) < 0.02
-
-
-def test_load_rotten_tomatoes_splits():
-    """Splits are non-empty; prompt + reference is the snippet's words (prompt = first half); every pair comes from a
-    film of its own split and no film's snippets land in two splits; labelled mirrors the pairs with fresh = True."""
-    data, labelled = common.load_rotten_tomatoes()
-    rows = common._rotten_tomatoes_rows()
-    movies_of_text, label_of_text = {}, {}
-    for r in rows:
-        text = " ".join(r["text"].split())
-        movies_of_text.setdefault(text, set()).add(r["movie_name"])
-        label_of_text.setdefault(text, set()).add(r["category"] == "fresh")
-
-    films = {}
-    for split in ("train", "validation", "test"):
-        assert len(data[split]) > 0 and len(data[split]) == len(labelled[split])
-        films[split] = set()
-        for (prompt, reference), (text, label) in zip(data[split], labelled[split]):
-            assert reference.startswith(" ") and not prompt.startswith(" ")
-            assert prompt + reference == text
-            words = text.split()
-            assert len(words) >= 8 and prompt.split() == words[: len(words) // 2]
-            assert text in movies_of_text, "prompt + reference must be an original snippet"
-            assert label in label_of_text[text]
-            own = {m for m in movies_of_text[text] if common._movie_split(m) == split}
-            assert own, "a pair must come from a film of its own split"
-            films[split] |= own
-    assert not films["train"] & films["validation"]
-    assert not films["train"] & films["test"]
-    assert not films["validation"] & films["test"]
-
-    expected = Counter(common._movie_split(r["movie_name"]) for r in rows if len(r["text"].split()) >= 8)
-    assert {s: len(data[s]) for s in data} == dict(expected)
-    assert len(data["train"]) > 5 * len(data["validation"])
