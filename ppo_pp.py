@@ -129,8 +129,6 @@ def main(args):
     start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
     logger = common.Logger(path, args, args.tensorboard, args.track)
     train, validation = data["train"], data["validation"][: args.eval_size]
-    if hasattr(reward_fn, "validation"):
-        print(f"reward model (bag-of-words) validation: {reward_fn.validation}")
 
     eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
 

@@ -139,6 +139,7 @@ class BagOfWordsSentiment:
             torch.save(state, path)
         self.vocab, self.weight, self.bias = state["vocab"], state["weight"], state["bias"]
         self.validation = state["validation"]
+        print(f"reward model (bag-of-words) validation: {self.validation}")
 
     @staticmethod
     def _bags(texts, vocab):
