@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import time
+import typing
 
 import torch
 import transformers
@@ -43,12 +44,22 @@ def run(main, args_class):
     """Parse the dataclass with tyro, run main(args); bad input ends with a one-line error and exit status 2."""
     import tyro
 
-    args = tyro.cli(args_class)
     try:
-        main(args)
+        check_choices(args_class, sys.argv[1:])
+        main(tyro.cli(args_class))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_choices(args_class, argv):
+    """A flag typed with its choices (Literal: --task, --eval-split) given another value: one line, not tyro's box."""
+    for field in dataclasses.fields(args_class):
+        if typing.get_origin(field.type) is typing.Literal:
+            flag, choices = "--" + field.name.replace("_", "-"), typing.get_args(field.type)
+            for arg, after in zip(argv, argv[1:] + [None]):
+                value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else after if arg == flag else None
+                check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
 
 
 def check_probability(value, flag):

@@ -16,10 +16,12 @@ from common import GUIDE, NO_ROLLIN, POLICY
 
 @dataclass
 class Args:
+    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py); a flag you pass always wins."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    task: str = "rotten-tomatoes"
-    """rotten-tomatoes (offline default, runs anywhere) or imdb (the paper's: needs the hub or local copies)"""
+    task: tasks.Name = "rotten-tomatoes"
+    """rotten-tomatoes (the default) and concepts run offline; imdb and commongen (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
     device: str = "auto"
@@ -33,7 +35,7 @@ class Args:
     tensorboard: bool = False
     """also write TensorBoard event files (needs tensorboard)"""
 
-    # Task and models (None: the task's preset)
+    # Task and models (None: the task's preset in tasks/)
     dataset_name: Optional[str] = None
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None
@@ -63,7 +65,7 @@ class Args:
     beta: Optional[float] = None
     """the guide's share of rollins: each sample rolls in with pi_g with probability beta"""
 
-    # PPO (None: the task's preset)
+    # PPO (None: the task's preset in tasks/)
     num_iterations: Optional[int] = None
     """collect-then-update iterations"""
     rollouts_per_iteration: Optional[int] = None

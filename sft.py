@@ -15,10 +15,12 @@ import tasks
 
 @dataclass
 class Args:
+    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py); a flag you pass always wins."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    task: str = "rotten-tomatoes"
-    """rotten-tomatoes (offline default) or imdb (the paper's)"""
+    task: tasks.Name = "rotten-tomatoes"
+    """rotten-tomatoes (the default) and concepts run offline; imdb and commongen (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
     device: str = "auto"
@@ -38,7 +40,7 @@ class Args:
     resume: Optional[str] = None
     """not supported by sft.py (short runs); must stay None"""
 
-    # Task and models (None: the task's preset)
+    # Task and models (None: the task's preset in tasks/)
     dataset_name: Optional[str] = None
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None

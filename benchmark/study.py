@@ -20,14 +20,17 @@ from dataclasses import asdict, dataclass
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import tasks  # noqa: E402
+
 ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]
 
 
 @dataclass
 class Args:
-    task: str = "rotten-tomatoes"
-    """the task (its preset supplies everything not set here)"""
+    task: tasks.Name = "rotten-tomatoes"
+    """the task (its preset in tasks/ supplies everything not set here)"""
     output: str = "results/rotten-tomatoes"
     """where the table, results.json, the plot and the runs go"""
     seeds: int = 3

@@ -22,7 +22,8 @@ def cli(*argv, env=None, timeout=300):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ppo.py", "--task", "nope"], "unknown task 'nope'"),
+    (["ppo.py", "--task", "nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
+    (["sft.py", "--task=nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
     (["ppo_pp.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
     (["aggrevated.py", "--beta", "-0.1"], "--beta must be in [0, 1]"),
     (["lols.py", "--alpha", "2"], "--alpha must be in [0, 1]"),
@@ -43,6 +44,19 @@ def test_bad_input_is_one_line(argv, message):
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line
+
+
+@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "sft"])
+def test_help_lists_every_task_and_where_presets_live(name, capsys):
+    """--help offers the four tasks as the choices of --task and says that flags at None take the task's preset in tasks/."""
+    import tyro
+    from conftest import script
+
+    with pytest.raises(SystemExit):
+        tyro.cli(script(name).Args, args=["--help"])
+    text = "".join(c for c in capsys.readouterr().out if not c.isspace() and c != "\u2502")  # no wrapping, no box edges
+    assert "--task{rotten-tomatoes,imdb,commongen,concepts}" in text
+    assert "FlagsatNonetakethetask'spreset(tasks/sentiment.py,tasks/commongen.py)" in text
 
 
 def test_imdb_offline_fails_fast_and_clearly():

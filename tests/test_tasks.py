@@ -15,6 +15,20 @@ from tasks import commongen, sentiment
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------------
+def test_task_names_are_the_presets():
+    """--task's choices are exactly the tasks that have a preset; every preset holds the values all tasks share."""
+    import typing
+
+    import tasks
+
+    assert typing.get_args(tasks.Name) == tuple(tasks.TASKS) == ("rotten-tomatoes", "imdb", "commongen", "concepts")
+    for preset in tasks.TASKS.values():
+        assert preset.items() >= tasks.PAPER_SHARED.items()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sentiment: the imdb loader
 # ---------------------------------------------------------------------------------------------------------------
 def test_imdb_path_on_local_copies(tiny):
