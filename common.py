@@ -158,6 +158,8 @@ def load_guide(name, tokenizer, shared, device, top_k, top_p):
             return getattr(importlib.import_module(module), function), None
         except (ImportError, AttributeError) as e:
             raise UserError(f"--guide-name {name}: cannot import that callable ({e})") from None
+    check(load_tokenizer(name).get_vocab() == tokenizer.get_vocab(), f"--guide-name {name}: its tokenizer's vocabulary differs "
+          "from --model-name's, but the guide continues the policy's token ids (wrap it in a module:function guide that translates)")
     model = load_frozen_lm(name, shared, device)
     return sampler(model, tokenizer, top_k, top_p), model
 
