@@ -151,7 +151,7 @@ def test_d2lols_switches_at_alpha(tiny, tmp_path, spy):
 
 
 def value_head(run_dir):
-    state = torch.load(os.path.join(run_dir, "checkpoint", "training_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(run_dir, "checkpoint", "training_state.pt"), weights_only=True)
     return state["value_head"]["weight"]
 
 
