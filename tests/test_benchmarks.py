@@ -18,12 +18,12 @@ def tiny_flags(tiny):
 def test_study_writes_the_table(tiny, tmp_path):
     out = tmp_path / "study"
     subprocess.run([sys.executable, "benchmark/study.py", "--task", "imdb", "--output", str(out), "--seeds", "2", "--num-iterations", "2",
-                    "--rollouts-per-iteration", "4", "--eval-every", "1", "--eval-size", "8", "--parallel", "2",
+                    "--rollouts-per-iteration", "7", "--eval-every", "1", "--eval-size", "8", "--parallel", "2",
                     "--sft-epochs", "0.5", "--", *tiny_flags(tiny)[2:]], cwd=ROOT, check=True, capture_output=True, text=True)
     results = json.load(open(out / "results.json"))
     assert list(results["rows"]) == ["zero-shot", "SFT", "guide (SFT + nucleus)", "ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
     assert all(len(results["rows"][a]["eval/reward"]) == 2 for a in ("ppo", "d2lols"))
-    assert [e for e, _ in results["curves"]["ppo"][0]] == [0, 4, 8]
+    assert [e for e, _ in results["curves"]["ppo"][0]] == [0, 7, 14]  # a multiple of imdb's minibatch of 7 episodes
     table = open(out / "table.md").read()
     assert "| d2lols |" in table and "±" in table
 
