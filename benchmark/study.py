@@ -10,6 +10,7 @@ Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (n
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -108,8 +109,8 @@ def main(args, extra):
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(launch, jobs))
 
-    # 3. The table: final validation metrics, mean +- std over seeds
-    results = {"args": asdict(args), "command": " ".join(["python", "benchmark/study.py", *sys.argv[1:]]),
+    # 3. The table: final validation metrics, mean +- std over seeds; the command as typed (its paths as given, quoted)
+    results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
                "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
     results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
     results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
