@@ -5,7 +5,7 @@ alpha * A^{pi_theta} + (1 - alpha) * A^{pi_g}. Each sample of a batch is, with p
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -105,7 +105,9 @@ class Args:
     eval_every: Optional[int] = None
     """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
     eval_size: Optional[int] = None
-    """validation prompts per evaluation"""
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split evaluations use: validation during training, test for a final report"""
     save_every: Optional[int] = None
     """checkpoint every this many iterations (always at the end; 0: only then)"""
 
@@ -138,16 +140,16 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
     logger = common.Logger(path, args, args.tensorboard, args.track)
-    train, validation = data["train"], data["validation"][: args.eval_size]
+    train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
     eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
 
     def evaluate():
-        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
+        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
 
     if start == 0:
         metrics, samples = evaluate()
-        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
+        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")

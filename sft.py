@@ -5,7 +5,7 @@ The checkpoint it writes is what --model-name and --guide-name of the RL scripts
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -64,7 +64,9 @@ class Args:
     eval_num_beams: Optional[int] = None
     """beam search width of the evaluation (1: sampling)"""
     eval_size: Optional[int] = None
-    """validation prompts per evaluation"""
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split evaluations use: validation during training, test for a final report"""
 
 
 def main(args):
@@ -82,11 +84,11 @@ def main(args):
     policy = common.load_lm(args.model_name, device)
     eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device))
     sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
-    validation = data["validation"][: args.eval_size]
+    eval_pairs = data[args.eval_split][: args.eval_size]
     logger = common.Logger(path, args, args.tensorboard, args.track)
 
     def evaluate():
-        return common.evaluate(sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        return common.evaluate(sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed)
 
     metrics, samples = evaluate()
     logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)

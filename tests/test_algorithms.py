@@ -214,6 +214,23 @@ def test_end_to_end(tiny, tmp_path, name):
     assert samples and {"prompt", "generation", "reward"} <= set(samples[0])
 
 
+@pytest.mark.parametrize("name", [*SCRIPTS, "sft"])
+def test_eval_split_test_evaluates_on_the_test_prompts(tiny, tmp_path, name):
+    """--eval-split test: the evaluation before training generates from the test split's prompts, not validation's."""
+    import common
+    import tasks
+    from conftest import script, tiny_args
+
+    module = script(name)
+    args = tiny_args(module, tiny, tmp_path, eval_split="test", num_iterations=0, num_epochs=0.1, batch_size=8)
+    module.main(args)
+    data, _ = tasks.load_data(args, common.load_tokenizer(args.model_name))
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    prompts = [s["prompt"] for s in samples if s["iteration"] == 0]
+    assert prompts == [p for p, _ in data["test"][:4]] and not set(prompts) & {p for p, _ in data["validation"]}
+
+
 class Crash(Exception):
     pass
 

@@ -28,6 +28,19 @@ def test_task_names_are_the_presets():
         assert preset.items() >= tasks.PAPER_SHARED.items()
 
 
+def test_eval_split_without_pairs_is_one_line(tiny):
+    """CommonGen's published test split has no references: --eval-split test says so instead of evaluating nothing."""
+    from types import SimpleNamespace
+
+    import tasks
+
+    args = SimpleNamespace(task="commongen", dataset_name=tiny["common_gen"], eval_split="test")
+    with pytest.raises(common.UserError, match="--eval-split test: .* has no pairs there"):
+        tasks.load_data(args, common.load_tokenizer(tiny["t5"]))
+    data, _ = tasks.load_data(SimpleNamespace(**{**vars(args), "eval_split": "validation"}), common.load_tokenizer(tiny["t5"]))
+    assert data["validation"] and not data["test"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sentiment: the imdb loader
 # ---------------------------------------------------------------------------------------------------------------
