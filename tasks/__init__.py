@@ -1,5 +1,5 @@
 """The paper's tasks, one module per family: sentiment.py (rotten-tomatoes, imdb) and commongen.py (commongen,
-concepts). What the scripts call: fill_from_preset (a flag left at None takes its task's value; a flag passed wins),
+concepts); TL;DR would be a third. What the scripts call: fill_from_preset (a flag left at None takes its task's value; a flag passed wins),
 require_assets (the offline checks), load_data and load_reward."""
 
 import dataclasses
