@@ -593,8 +593,8 @@ def load_training_state(path, value_head, optimizer, scheduler, rng):
     """save_checkpoint stores tensors, numbers, dicts and lists only: torch.load unpickles no code (weights_only)."""
     try:
         state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values; it is not unpickled") from None
     value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
