@@ -59,7 +59,8 @@ def check_choices(args_class, argv):
         if typing.get_origin(field.type) is typing.Literal:
             flag, choices = "--" + field.name.replace("_", "-"), typing.get_args(field.type)
             for arg, after in zip(argv, argv[1:] + [None]):
-                value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else after if arg == flag else None
+                name, equals, inline = arg.partition("=")  # tyro takes --eval-split, --eval_split, --eval-split=test
+                value = (inline if equals else after) if name.replace("_", "-") == flag else None
                 check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
 
 

@@ -25,6 +25,7 @@ def cli(*argv, env=None, timeout=300):
     (["ppo.py", "--task", "nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
     (["sft.py", "--task=nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
     (["lols.py", "--eval-split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
+    (["d2lols.py", "--eval_split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
     (["ppo_pp.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
     (["aggrevated.py", "--beta", "-0.1"], "--beta must be in [0, 1]"),
     (["lols.py", "--alpha", "2"], "--alpha must be in [0, 1]"),
