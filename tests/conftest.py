@@ -179,6 +179,7 @@ def recorder(monkeypatch):
     each rollout (its arguments and outputs), each forward pass (model, inputs, outputs), each minibatch order and each
     loss that is backpropagated. A test can then recompute the whole objective by hand."""
     import common
+    import tasks
 
     events = []
     reward = PositiveWords(events)
@@ -208,7 +209,7 @@ def recorder(monkeypatch):
 
     monkeypatch.setattr(common, "generate_with_restarts", generate_spy)
     monkeypatch.setattr(common, "forward", forward_spy)
-    monkeypatch.setattr(common, "load_reward", lambda *args: reward)
+    monkeypatch.setattr(tasks, "load_reward", lambda *args: reward)
     monkeypatch.setattr(torch, "randperm", randperm_spy)
     monkeypatch.setattr(torch.Tensor, "backward", backward_spy)
     return events

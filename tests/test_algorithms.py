@@ -151,7 +151,7 @@ def test_d2lols_switches_at_alpha(tiny, tmp_path, spy):
 
 
 def value_head(run_dir):
-    state = torch.load(os.path.join(run_dir, "checkpoint", "training_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(run_dir, "checkpoint", "training_state.pt"), weights_only=True)
     return state["value_head"]["weight"]
 
 
@@ -212,6 +212,23 @@ def test_end_to_end(tiny, tmp_path, name):
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     assert samples and {"prompt", "generation", "reward"} <= set(samples[0])
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "sft"])
+def test_eval_split_test_evaluates_on_the_test_prompts(tiny, tmp_path, name):
+    """--eval-split test: the evaluation before training generates from the test split's prompts, not validation's."""
+    import common
+    import tasks
+    from conftest import script, tiny_args
+
+    module = script(name)
+    args = tiny_args(module, tiny, tmp_path, eval_split="test", num_iterations=0, num_epochs=0.1, batch_size=8)
+    module.main(args)
+    data, _ = tasks.load_data(args, common.load_tokenizer(args.model_name))
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
+    prompts = [s["prompt"] for s in samples if s["iteration"] == 0]
+    assert prompts == [p for p, _ in data["test"][:4]] and not set(prompts) & {p for p, _ in data["validation"]}
 
 
 class Crash(Exception):

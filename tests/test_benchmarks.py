@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end on the tiny assets and print/write their figures."""
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 
@@ -16,16 +18,23 @@ def tiny_flags(tiny):
 
 
 def test_study_writes_the_table(tiny, tmp_path):
-    out = tmp_path / "study"
-    subprocess.run([sys.executable, "benchmark/study.py", "--task", "imdb", "--output", str(out), "--seeds", "2", "--num-iterations", "2",
-                    "--rollouts-per-iteration", "4", "--eval-every", "1", "--eval-size", "8", "--parallel", "2",
-                    "--sft-epochs", "0.5", "--", *tiny_flags(tiny)[2:]], cwd=ROOT, check=True, capture_output=True, text=True)
+    """Run from another folder with a relative --output that has a space: the table records the command as typed.
+    --eval-split test goes to sft.py and every run."""
+    out = tmp_path / "my study"
+    argv = ["--task", "imdb", "--output", "my study", "--seeds", "2", "--num-iterations", "2", "--rollouts-per-iteration", "7",
+            "--eval-every", "1", "--eval-size", "8", "--parallel", "2", "--sft-epochs", "0.5", "--eval-split", "test", "--", *tiny_flags(tiny)[2:]]
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "study.py"), *argv], cwd=tmp_path, check=True, capture_output=True, text=True)
     results = json.load(open(out / "results.json"))
+    assert results["command"] == shlex.join(["python", "benchmark/study.py", *argv]) and results["args"]["output"] == "my study"
     assert list(results["rows"]) == ["zero-shot", "SFT", "guide (SFT + nucleus)", "ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
     assert all(len(results["rows"][a]["eval/reward"]) == 2 for a in ("ppo", "d2lols"))
-    assert [e for e, _ in results["curves"]["ppo"][0]] == [0, 4, 8]
+    assert [e for e, _ in results["curves"]["ppo"][0]] == [0, 7, 14]  # a multiple of imdb's minibatch of 7 episodes
     table = open(out / "table.md").read()
-    assert "| d2lols |" in table and "±" in table
+    assert "| d2lols |" in table and "±" in table and table.startswith("Test metrics at the end of training")
+    for parent in ("sft", "ppo_1", "d2lols_2"):
+        (run,) = [d for d in (out / "runs" / parent).iterdir() if d.is_dir()]
+        assert json.load(open(run / "args.json"))["eval_split"] == "test"
+    assert "Command: `python benchmark/study.py --task imdb --output 'my study' --seeds 2" in table and str(out) not in table
 
 
 def test_overhead_prints_ratios(tiny):

@@ -1,5 +1,5 @@
 """The scripts as a user runs them: one-line errors for bad input, a fast and clear failure for hub-only assets
-offline, the imdb loading path on local files, and the offline default task end to end on a tiny budget."""
+offline, and the offline default task end to end on a tiny budget."""
 
 import importlib.util
 import json
@@ -22,7 +22,10 @@ def cli(*argv, env=None, timeout=300):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ppo.py", "--task", "nope"], "unknown task 'nope'"),
+    (["ppo.py", "--task", "nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
+    (["sft.py", "--task=nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
+    (["lols.py", "--eval-split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
+    (["d2lols.py", "--eval_split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
     (["ppo_pp.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
     (["aggrevated.py", "--beta", "-0.1"], "--beta must be in [0, 1]"),
     (["lols.py", "--alpha", "2"], "--alpha must be in [0, 1]"),
@@ -45,6 +48,19 @@ def test_bad_input_is_one_line(argv, message):
     assert line.startswith("error: ") and message in line
 
 
+@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "sft"])
+def test_help_lists_every_task_and_where_presets_live(name, capsys):
+    """--help offers the four tasks as the choices of --task and says that flags at None take the task's preset in tasks/."""
+    import tyro
+    from conftest import script
+
+    with pytest.raises(SystemExit):
+        tyro.cli(script(name).Args, args=["--help"])
+    text = "".join(c for c in capsys.readouterr().out if not c.isspace() and c != "\u2502")  # no wrapping, no box edges
+    assert "--task{rotten-tomatoes,imdb,commongen,concepts}" in text
+    assert "FlagsatNonetakethetask'spreset(tasks/sentiment.py,tasks/commongen.py)" in text
+
+
 def test_imdb_offline_fails_fast_and_clearly():
     """The user's example: with no hub, it names what is missing and how to run offline, in under a minute."""
     done, seconds = cli("d2lols.py", "--task", "imdb", "--beta", "0.2")
@@ -59,22 +75,6 @@ def test_commongen_offline_fails_fast_and_clearly():
     done, seconds = cli("ppo.py", "--task", "commongen")
     assert seconds < 60 and done.returncode == 2 and "Traceback" not in done.stderr
     assert "--dataset-name allenai/common_gen" in done.stderr and "--model-name t5-base" in done.stderr
-
-
-def test_imdb_path_on_local_copies(tiny):
-    """Prompt = the first half of the review's words, its last prompt_len tokens; reference = the continuation."""
-    import common
-
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    data, labelled = common.load_imdb(tiny["imdb"], tokenizer, prompt_len=5, max_new_tokens=4)
-    assert len(data["train"]) == 64 and len(data["validation"]) == len(data["test"]) == 24
-    originals = {text for text, _ in labelled["train"]}
-    for prompt, reference in data["train"]:
-        assert len(tokenizer(prompt, add_special_tokens=False).input_ids) == 5
-        assert len(tokenizer(reference, add_special_tokens=False).input_ids) == 4
-        matches = [o for o in originals if (prompt + reference).strip() in o]
-        assert len(matches) == 1 and matches[0].index(reference.strip()) == len(" ".join(matches[0].split()[: len(matches[0].split()) // 2])) + 1
-    assert sum(positive for _, positive in labelled["train"]) == 32
 
 
 def test_offline_default_end_to_end(tmp_path):

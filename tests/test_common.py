@@ -1,5 +1,6 @@
 """Unit tests of common.py: GAE, whitening, sampling, logit filtering, generation with restarts, batching, the
-forward pass, the bag-of-words reward and the Rotten Tomatoes splits. Everything runs offline on CPU in seconds."""
+forward pass, the guide check and the training state (the tasks' data and rewards: test_tasks.py). Everything runs
+offline on CPU in seconds."""
 
 import os
 import random
@@ -647,94 +648,73 @@ def test_forward_logprobs_are_differentiable(lm):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# BagOfWordsSentiment
+# load_guide
 # ---------------------------------------------------------------------------------------------------------------
-GOOD = "great wonderful superb charming delightful".split()
-BAD = "awful dull boring terrible tedious".split()
-FILLER = "the a film movie story plot was and of it".split()
+def test_guide_must_share_the_policy_vocabulary(tiny, tmp_path):
+    """The guide continues the policy's token ids: a model with the policy's vocabulary (lm2) is accepted, a black box
+    too; a model whose tokenizer numbers the same words differently (another model family) is refused in one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+    tokenizer = common.load_tokenizer(tiny["lm"])
+    vocab = tokenizer.get_vocab()
+    words = sorted(vocab, key=vocab.get)
+    shuffled = {w: i for i, w in enumerate(words[:2] + words[2:][::-1])}  # the same words, other ids
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(shuffled, unk_token="[UNK]")),
+                                    eos_token="<|endoftext|>", unk_token="[UNK]", pad_token="<|endoftext|>")
+    other._tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    config = GPT2Config(vocab_size=len(shuffled), n_positions=32, n_embd=8, n_layer=1, n_head=1, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    assert len(common.load_tokenizer(str(tmp_path / "other"))) == len(tokenizer)
 
-def _reviews(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        positive = i % 2 == 0
-        words = [rng.choice(FILLER) for _ in range(8)] + [rng.choice(GOOD if positive else BAD) for _ in range(2)]
-        rng.shuffle(words)
-        out.append((" ".join(words), positive))
-    return out
-
-
-def test_bag_of_words_learns_and_caches(tmp_path, monkeypatch):
-    """Positive texts score above negative ones, validation has accuracy/auc, and a second construction loads the
-    cache file (no training) with identical outputs."""
-    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
-    labelled = {"train": _reviews(120, 0), "validation": _reviews(40, 1)}
-    model = common.BagOfWordsSentiment(labelled)
-    assert set(model.validation) >= {"accuracy", "auc"}
-    assert model.validation["accuracy"] >= 0.9 and model.validation["auc"] >= 0.95
-    files = os.listdir(tmp_path / "cache")
-    assert len(files) == 1 and files[0].startswith("bow_logreg_")
-
-    texts = [t for t, _ in labelled["validation"]]
-    labels = torch.tensor([y for _, y in labelled["validation"]])
-    scores = model.score(texts)
-    assert scores.shape == (len(texts),) and ((scores > 0) & (scores < 1)).all()
-    assert scores[labels].min() > scores[~labels].max()
-    assert model(["a great"], [" wonderful film"])[0] > 0.5 > model(["an awful"], [" boring film"])[0]
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the second construction must load the cache, not train")
-
-    monkeypatch.setattr(common.BagOfWordsSentiment, "_train", staticmethod(no_training))
-    again = common.BagOfWordsSentiment(labelled)
-    assert torch.equal(again.score(texts), scores)
-    assert again.validation == model.validation
+    with pytest.raises(common.UserError, match="vocabulary differs") as refused:
+        common.load_guide(str(tmp_path / "other"), tokenizer, {}, "cpu", 0, 1.0)
+    assert "\n" not in str(refused.value)
+    _, model = common.load_guide(tiny["lm2"], tokenizer, {}, "cpu", 0, 1.0)
+    assert model is not None
+    guide, model = common.load_guide("conftest:constant_guide", tokenizer, {}, "cpu", 0, 1.0)
+    assert model is None and guide.__name__ == "constant_guide"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rotten Tomatoes splits
+# Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def test_movie_split_deterministic_and_roughly_80_10_10():
-    """_movie_split is a pure function of the name and splits ~80/10/10 over many names."""
-    names = [f"movie_{i}" for i in range(5000)]
-    splits = [common._movie_split(n) for n in names]
-    assert splits == [common._movie_split(n) for n in names]
-    counts = Counter(splits)
-    assert set(counts) == {"train", "validation", "test"}
-    assert abs(counts["train"] / 5000 - 0.8) < 0.03
-    assert abs(counts["validation"] / 5000 - 0.1) < 0.02 and abs(counts["test"] / 5000 - 0.1) < 0.02
+class Payload:
+    """What a tampered training_state.pt could hold: unpickling it runs os.makedirs(marker)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
 
 
-def test_load_rotten_tomatoes_splits():
-    """Splits are non-empty; prompt + reference is the snippet's words (prompt = first half); every pair comes from a
-    film of its own split and no film's snippets land in two splits; labelled mirrors the pairs with fresh = True."""
-    data, labelled = common.load_rotten_tomatoes()
-    rows = common._rotten_tomatoes_rows()
-    movies_of_text, label_of_text = {}, {}
-    for r in rows:
-        text = " ".join(r["text"].split())
-        movies_of_text.setdefault(text, set()).add(r["movie_name"])
-        label_of_text.setdefault(text, set()).add(r["category"] == "fresh")
+def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
+    """What save_checkpoint writes loads with torch.load(weights_only=True) and restores the optimizer, scheduler, random
+    states and iteration; a --resume file that needs more (pickled code) is refused in one line, its code not run."""
+    tokenizer = common.load_tokenizer(tiny["lm"])
+    head = common.value_head(lm, 2, "cpu")
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda("linear", 10))
+    head(torch.randn(3, lm.config.hidden_size)).sum().backward()
+    optimizer.step(), scheduler.step()
+    rng = torch.Generator().manual_seed(7)
+    common.save_checkpoint(str(tmp_path), lm, tokenizer, head, optimizer, scheduler, 3, rng)
+    state_file = tmp_path / "checkpoint" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["iteration"] == 3 and torch.equal(state["restart_rng"], rng.get_state())
 
-    films = {}
-    for split in ("train", "validation", "test"):
-        assert len(data[split]) > 0 and len(data[split]) == len(labelled[split])
-        films[split] = set()
-        for (prompt, reference), (text, label) in zip(data[split], labelled[split]):
-            assert reference.startswith(" ") and not prompt.startswith(" ")
-            assert prompt + reference == text
-            words = text.split()
-            assert len(words) >= 8 and prompt.split() == words[: len(words) // 2]
-            assert text in movies_of_text, "prompt + reference must be an original snippet"
-            assert label in label_of_text[text]
-            own = {m for m in movies_of_text[text] if common._movie_split(m) == split}
-            assert own, "a pair must come from a film of its own split"
-            films[split] |= own
-    assert not films["train"] & films["validation"]
-    assert not films["train"] & films["test"]
-    assert not films["validation"] & films["test"]
+    head2 = common.value_head(lm, 2, "cpu")
+    optimizer2 = torch.optim.AdamW(head2.parameters(), lr=1e-3)
+    scheduler2 = torch.optim.lr_scheduler.LambdaLR(optimizer2, common.lr_lambda("linear", 10))
+    rng2 = torch.Generator()
+    assert common.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2) == 3
+    assert torch.equal(rng2.get_state(), rng.get_state()) and scheduler2.state_dict() == scheduler.state_dict()
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
-    expected = Counter(common._movie_split(r["movie_name"]) for r in rows if len(r["text"].split()) >= 8)
-    assert {s: len(data[s]) for s in data} == dict(expected)
-    assert len(data["train"]) > 5 * len(data["validation"])
+    marker = tmp_path / "payload_ran"
+    torch.save({**state, "extra": Payload(str(marker))}, state_file)
+    with pytest.raises(common.UserError, match="more than tensors") as refused:
+        common.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2)
+    assert "\n" not in str(refused.value) and not marker.exists()

@@ -1,7 +1,6 @@
-"""CommonGen: encoder-decoder policies through the same helpers and scripts, CIDEr-D and BLEU-4 against numbers
-recorded from pycocoevalcap, the fixed idf of the reward, and the offline `concepts` task."""
+"""CommonGen: encoder-decoder policies (a tiny T5) through the same helpers and scripts, on a CommonGen-format fixture
+(its metrics and the offline `concepts` data: test_tasks.py)."""
 
-import importlib.util
 import os
 
 import pytest
@@ -11,78 +10,6 @@ from transformers import AutoModelForSeq2SeqLM
 import common
 from common import GUIDE, NO_ROLLIN, POLICY
 from conftest import run
-
-# Five items with several references each; the expected numbers were recorded from pycocoevalcap 1.2
-# (Cider().compute_score and Bleu(4).compute_score on these exact strings).
-REFS = [
-    ["a man is riding a horse on the beach", "a person rides a brown horse along the shore"],
-    ["the dog catches a frisbee in the park", "a dog jumps to catch the frisbee", "dog playing frisbee in a park"],
-    ["two children are playing soccer on a field", "kids play football in the grass"],
-    ["a woman cuts vegetables in the kitchen", "the chef is chopping vegetables on a board"],
-    ["a cat sleeps on the sofa", "the cat is sleeping on a couch near the window"],
-]
-HYPS = ["a man rides a horse on the beach", "a dog catches the frisbee in a park", "children play soccer on the grass field",
-        "a woman is chopping vegetables in a kitchen", "a cat is sleeping on the couch"]
-PYCOCO_CIDER = [3.394074835824426, 3.282328657891393, 1.742282167790066, 2.5555563233918037, 2.6719241018008786]
-PYCOCO_BLEU4 = 0.42559765639438213
-
-
-def test_cider_d_matches_pycocoevalcap():
-    cider = common.CiderD(REFS)
-    for hyp, refs, expected in zip(HYPS, REFS, PYCOCO_CIDER):
-        assert cider.score(hyp, refs) == pytest.approx(expected, abs=1e-6)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None, reason="pycocoevalcap not installed")
-def test_cider_d_matches_pycocoevalcap_live():
-    """Where pycocoevalcap is installed: random item sets, compared live."""
-    from pycocoevalcap.cider.cider import Cider
-
-    g = torch.Generator().manual_seed(0)
-    words = "a the man dog cat runs sits on in park beach red big small frisbee catches".split()
-
-    def sentence():
-        return " ".join(words[i] for i in torch.randint(len(words), (int(torch.randint(3, 10, (1,), generator=g)),), generator=g))
-
-    refs = {i: [sentence() for _ in range(1 + i % 3)] for i in range(12)}
-    hyps = {i: [sentence()] for i in range(12)}
-    _, expected = Cider().compute_score(refs, hyps)
-    mine = common.CiderD([refs[i] for i in range(12)])
-    for i in range(12):
-        assert mine.score(hyps[i][0], refs[i]) == pytest.approx(float(expected[i]), abs=1e-6)
-
-
-def test_bleu4_matches_coco_bleu():
-    assert common.bleu4(HYPS, REFS) == pytest.approx(100 * PYCOCO_BLEU4, abs=1e-6)
-
-
-def test_coco_tokenize():
-    assert common.coco_tokenize("A man's dog doesn't run, quickly... (really)!") == "a man 's dog does n't run quickly really"
-
-
-def test_reward_idf_is_fixed_across_batches():
-    """The reward's CIDEr-D uses the train references' idf: an item scores the same alone, in any batch, in any order
-    (per-batch idf would give 0.0 alone and change with the batch)."""
-    prompts = [f"p{i}" for i in range(5)]
-    reward = common.ConceptsReward({"references": dict(zip(prompts, REFS)), "concepts": {p: 3 for p in prompts}}, prompts)
-    together = reward(prompts, HYPS)
-    assert torch.allclose(together, torch.tensor(PYCOCO_CIDER, dtype=together.dtype), atol=1e-5)  # train = these 5
-    for i in range(5):
-        assert reward([prompts[i]], [HYPS[i]]).item() == pytest.approx(together[i].item(), abs=1e-9)
-    assert torch.equal(reward(prompts[::-1], HYPS[::-1]), together.flip(0))
-    assert common.CiderD([REFS[0]]).score(HYPS[0], REFS[0]) == 0.0  # what a per-item idf would give
-
-
-def test_metrics_split_easy_and_hard():
-    prompts = [f"p{i}" for i in range(5)]
-    reward = common.ConceptsReward({"references": dict(zip(prompts, REFS)), "concepts": dict(zip(prompts, [3, 3, 4, 5, 3]))}, prompts)
-    metrics = reward.metrics(prompts, HYPS)
-    assert metrics["cider"] == pytest.approx(sum(PYCOCO_CIDER) / 5, abs=1e-6)
-    easy = [PYCOCO_CIDER[i] for i in (0, 1, 4)]
-    assert metrics["cider_easy"] == pytest.approx(sum(easy) / 3, abs=1e-6)
-    assert metrics["cider_hard"] == pytest.approx((PYCOCO_CIDER[2] + PYCOCO_CIDER[3]) / 2, abs=1e-6)
-    assert metrics["bleu4"] == pytest.approx(100 * PYCOCO_BLEU4, abs=1e-6)
-    assert "spice" not in metrics  # no SPICE jars here
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +82,3 @@ def test_commongen_scripts_end_to_end_with_t5(tiny, tmp_path, name):
 def test_sft_on_commongen_pairs(tiny, tmp_path):
     _, metrics = run("sft", tiny, tmp_path, num_epochs=2.0, batch_size=8, sft_learning_rate=1e-2, **commongen_flags(tiny))
     assert metrics[-1]["eval/perplexity"] < metrics[0]["eval/perplexity"]
-
-
-def test_concepts_task_data():
-    """Offline stand-in: every concept appears in its reference snippet; 3-5 concepts; no film in two splits."""
-
-    class Tokenizer:
-        eos_token = "<eos>"
-
-    data, reward_data = common.load_concepts(Tokenizer())
-    assert all(len(data[s]) > 500 for s in ("train", "validation", "test"))
-    for prompt, reference in data["train"][:300]:
-        concepts = prompt.split(": ", 1)[1].split(".\n")[0].split(", ")
-        assert 3 <= len(concepts) == reward_data["concepts"][prompt] <= 5
-        assert all(c in reference.lower() for c in concepts)
-        assert reference.endswith("<eos>") and reward_data["references"][prompt] == [reference[1 : -len("<eos>")]]

