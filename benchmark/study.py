@@ -72,6 +72,16 @@ def the_run(parent):
     return os.path.join(parent, name)
 
 
+def commit():
+    """The code that produced the table: the git commit, marked when the tree had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -115,7 +125,7 @@ def main(args, extra):
 
     # 3. The table: final metrics on --eval-split, mean +- std over seeds; the command as typed (its paths as given, quoted)
     results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
-               "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
+               "commit": commit(), "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
     results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
     results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
     guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if algorithm == "ppo_pp"]
@@ -155,7 +165,8 @@ def markdown(results, args):
             mean, std = mean_std(values[key])
             cells.append(f"{mean:.3f} ± {std:.3f}" if len(values[key]) > 1 else f"{mean:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", f"Command: `{results['command']}`", f"Machine: {results['machine']}", f"Wall time: {results['wall_time_s']} s", ""]
+    lines += ["", f"Command: `{results['command']}`", f"Commit: {results['commit']}", f"Machine: {results['machine']}",
+              f"Wall time: {results['wall_time_s']} s", ""]
     return "\n".join(lines)
 
 

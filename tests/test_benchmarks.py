@@ -30,7 +30,9 @@ def test_study_writes_the_table(tiny, tmp_path):
     assert all(len(results["rows"][a]["eval/reward"]) == 2 for a in ("ppo", "d2lols"))
     assert [e for e, _ in results["curves"]["ppo"][0]] == [0, 7, 14]  # a multiple of imdb's minibatch of 7 episodes
     table = open(out / "table.md").read()
-    assert "| d2lols |" in table and "±" in table and table.startswith("Test metrics at the end of training")
+    assert "| d2lols |" in table and "±" in table
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert f"Commit: {head}" in table and results["commit"].startswith(head)  # the code that produced it and table.startswith("Test metrics at the end of training")
     for parent in ("sft", "ppo_1", "d2lols_2"):
         (run,) = [d for d in (out / "runs" / parent).iterdir() if d.is_dir()]
         assert json.load(open(run / "args.json"))["eval_split"] == "test"
