@@ -1,20 +1,13 @@
-"""Tiny shared helpers for the RLGF scripts: the command line, models, generation with restarts, GAE, evaluation,
-logging and checkpoints. No algorithm lives here: each script holds its own rollin choice, masks and losses; the
-tasks (presets, data, rewards) live in tasks/."""
+"""Tiny shared helpers for the RLGF scripts: models, generation with restarts, forward passes, GAE, evaluation. No
+algorithm lives here: each script holds its own rollin choice, masks and losses; the tasks (presets, data, rewards)
+live in tasks/, and the run's bookkeeping (command line, logs, checkpoints, resume) in runs.py."""
 
 import copy
-import dataclasses
 import importlib.util
-import json
 import math
 import os
-import pickle
 import random
 import re
-import shutil
-import sys
-import time
-import typing
 
 import torch
 import transformers
@@ -30,10 +23,10 @@ NO_ROLLIN, POLICY, GUIDE = -1, 0, 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Errors and the command line
+# Errors
 # ---------------------------------------------------------------------------------------------------------------
 class UserError(Exception):
-    """A problem with the user's input or machine: printed as one line, no traceback."""
+    """A problem with the user's input or machine: runs.cli prints it as one line, no traceback, exit status 2."""
 
 
 def check(condition, message):
@@ -41,42 +34,8 @@ def check(condition, message):
         raise UserError(message)
 
 
-def run(main, args_class):
-    """Parse the dataclass with tyro, run main(args); bad input ends with a one-line error and exit status 2."""
-    import tyro
-
-    try:
-        check_choices(args_class, sys.argv[1:])
-        main(tyro.cli(args_class))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def check_choices(args_class, argv):
-    """A flag typed with its choices (Literal: --task, --eval-split) given another value: one line, not tyro's box."""
-    for field in dataclasses.fields(args_class):
-        if typing.get_origin(field.type) is typing.Literal:
-            flag, choices = "--" + field.name.replace("_", "-"), typing.get_args(field.type)
-            for arg, after in zip(argv, argv[1:] + [None]):
-                name, equals, inline = arg.partition("=")  # tyro takes --eval-split, --eval_split, --eval-split=test
-                value = (inline if equals else after) if name.replace("_", "-") == flag else None
-                check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
-
-
 def check_probability(value, flag):
     check(0 <= value <= 1, f"{flag} must be in [0, 1], got {value}")
-
-
-def run_dir(args):
-    """`--resume DIR` continues in DIR; otherwise a new `{output_dir}/{task}__{exp_name}__{seed}__{time}`."""
-    if args.resume:
-        check(os.path.isfile(os.path.join(args.resume, "checkpoint", "training_state.pt")),
-              f"--resume {args.resume}: no checkpoint/training_state.pt there")
-        return args.resume
-    path = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def seed_everything(seed):
@@ -105,9 +64,16 @@ def _offline_model_dir(name):
     return cached
 
 
+def _loaded(load, name):
+    """from_pretrained, with a directory that holds no model (a garbage config.json, nothing at all) as a one-line error."""
+    try:
+        return load(_offline_model_dir(name) if name in OFFLINE_MODELS else name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model from {name}: {str(e).strip().splitlines()[0]}") from None
+
+
 def load_tokenizer(name):
-    path = _offline_model_dir(name) if name in OFFLINE_MODELS else name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = _loaded(transformers.AutoTokenizer.from_pretrained, name)
     tokenizer.padding_side = "left"  # prompts are left-padded so every response starts at the same column
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,10 +82,9 @@ def load_tokenizer(name):
 
 def load_lm(name, device):
     """A causal LM (GPT-2, SmolLM2) or an encoder-decoder (T5): the helpers below handle both."""
-    path = _offline_model_dir(name) if name in OFFLINE_MODELS else name
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = _loaded(transformers.AutoConfig.from_pretrained, name)
     auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch.float32).to(device)
+    model = _loaded(lambda path: auto.from_pretrained(path, dtype=torch.float32), name).to(device)
     model.eval()  # no dropout anywhere: old and new log-probs must come from the same function
     return model
 
@@ -147,7 +112,10 @@ def load_reference_and_policy(args, device):
     for p in policy.parameters():
         p.requires_grad_(True)
     if args.resume:
-        load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
+        try:
+            load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
+        except RuntimeError as e:
+            raise UserError(f"--resume {args.resume}: its weights do not fit --model-name {args.model_name} ({str(e).splitlines()[0]})") from None
     return reference, policy
 
 
@@ -528,84 +496,8 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Logging and checkpoints
+# Small things every script uses (the run's bookkeeping, logs and checkpoints, is in runs.py)
 # ---------------------------------------------------------------------------------------------------------------
-class Logger:
-    """metrics.jsonl (one JSON object per line), samples.jsonl, optional TensorBoard and Weights & Biases."""
-
-    def __init__(self, path, args, tensorboard=False, track=False, project="rlgf"):
-        self.path = path
-        self.writer = self.wandb = None
-        with open(os.path.join(path, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(path)
-        if track:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--track needs the wandb package: pip install wandb") from None
-            self.wandb = wandb
-            wandb.init(project=project, name=os.path.basename(path), config=dataclasses.asdict(args), dir=path)
-
-    def log(self, row, samples=None):
-        with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if samples:
-            with open(os.path.join(self.path, "samples.jsonl"), "a") as f:
-                for s in samples:
-                    f.write(json.dumps({"iteration": row["iteration"], **s}) + "\n")
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
-        if self.writer:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, row["iteration"])
-            self.writer.flush()
-        if self.wandb:
-            self.wandb.log(scalars, step=row["iteration"])
-
-    def close(self):
-        if self.writer:
-            self.writer.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng):
-    """The policy as a from_pretrained directory, plus what --resume needs to continue exactly."""
-    tmp = os.path.join(path, "checkpoint.tmp")
-    save_checkpoint_model(policy, tokenizer, tmp)
-    state = dict(value_head=value_head.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 iteration=iteration, torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(state, os.path.join(tmp, "training_state.pt"))
-    final = os.path.join(path, "checkpoint")
-    if os.path.isdir(final):  # swap in the new one only once it is complete: a crash never leaves half a checkpoint
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    if os.path.isdir(final + ".old"):
-        shutil.rmtree(final + ".old")
-
-
-def load_training_state(path, value_head, optimizer, scheduler, rng):
-    """save_checkpoint stores tensors, numbers, dicts and lists only: torch.load unpickles no code (weights_only)."""
-    try:
-        state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values; it is not unpickled") from None
-    value_head.load_state_dict(state["value_head"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    rng.set_state(state["restart_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["iteration"]
-
-
 def lr_lambda(schedule, total_updates):
     if schedule == "linear":
         return lambda step: max(0.0, 1.0 - step / max(1, total_updates))

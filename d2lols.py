@@ -10,6 +10,7 @@ from typing import Literal, Optional
 import torch
 
 import common
+import runs
 import tasks
 from common import GUIDE, NO_ROLLIN, POLICY
 
@@ -118,9 +119,9 @@ def main(args):
     tasks.fill_from_preset(args, beta1="beta_aggrevated", beta2="beta_ppo_pp", alpha="d2lols_alpha")
     args.guide_name = args.guide_name or args.model_name
     common.check_probability(args.beta1, "--beta1"), common.check_probability(args.beta2, "--beta2")
-    common.check(args.alpha >= 0, f"--alpha (iterations of AggreVaTeD) must be >= 0, got {args.alpha}")
+    common.check(0 <= args.alpha <= args.num_iterations, f"--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = {args.num_iterations}] (beyond it D2LOLS never switches to PPO++), got {args.alpha}")
     tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
-    path = common.run_dir(args)
+    path = runs.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
     rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only
@@ -139,8 +140,8 @@ def main(args):
                                   lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
-    start = common.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
-    logger = common.Logger(path, args, args.tensorboard, args.track)
+    start = runs.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
+    logger = runs.Logger(path, args, start, args.tensorboard, args.track)
     train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
     eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
@@ -176,6 +177,7 @@ def main(args):
         policy_tokens = response_mask & ~by_guide
         texts = common.decode_responses(tokenizer, response, response_mask)
         scores = reward_fn(prompts, texts).to(device)
+        runs.check_finite(iteration, task_reward=scores)
         with torch.no_grad():
             old_logprobs, old_values, entropy = common.forward(policy, value_head, query, query_mask, response, response_mask, entropy=True)
             ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
@@ -211,6 +213,7 @@ def main(args):
                 optimizer.zero_grad()
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
+                runs.check_finite(iteration, policy_loss=pg_loss, value_loss=vf_loss, mle_loss=mle_loss, grad_norm=grad_norm)
                 optimizer.step()
                 scheduler.step()
                 with torch.no_grad():
@@ -239,7 +242,7 @@ def main(args):
             row.update(metrics)
         logger.log(row, samples)
         if iteration == args.num_iterations or (args.save_every and iteration % args.save_every == 0):
-            common.save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng)
+            runs.save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng)
         bar.update(1)
         bar.set_postfix(reward=f"{row['train/reward']:.3f}", **({"eval": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
     bar.close()
@@ -248,4 +251,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run(main, Args)
+    runs.cli(main, Args)

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 import torch
 
 import common
+import runs
 import tasks
 
 
@@ -74,7 +75,7 @@ def main(args):
     common.check(args.num_epochs > 0 and args.batch_size >= 1, "--num-epochs and --batch-size must be positive")
     tasks.fill_from_preset(args)
     tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
-    path = common.run_dir(args)
+    path = runs.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
 
@@ -85,7 +86,7 @@ def main(args):
     eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device))
     sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
     eval_pairs = data[args.eval_split][: args.eval_size]
-    logger = common.Logger(path, args, args.tensorboard, args.track)
+    logger = runs.Logger(path, args, 0, args.tensorboard, args.track)
 
     def evaluate():
         return common.evaluate(sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed)
@@ -111,7 +112,8 @@ def main(args):
         loss = -common.masked_mean(logprobs, reference_mask)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        runs.check_finite(step, mle_loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         logger.log({"iteration": step, "episodes": step * args.batch_size, "loss/mle": loss.item(),
@@ -129,4 +131,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run(main, Args)
+    runs.cli(main, Args)

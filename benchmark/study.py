@@ -6,7 +6,8 @@ the SFT model (nucleus sampling) as the guide, several seeds, identical budgets;
     python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py and every RL run
     python benchmark/study.py --eval-split test ...             # the final report: evaluate on the test split
 
-Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (needs matplotlib, optional)."""
+Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (reward against episodes and against
+eval/kl; needs matplotlib, optional). Runs already in {output}/runs are reused, and the table says which."""
 
 import json
 import os
@@ -95,6 +96,8 @@ def main(args, extra):
 
     # 1. SFT on the positive reviews (its before/after evaluations are the zero-shot and SFT rows)
     sft_parent = os.path.join(runs, "sft")
+    reused = [name for name in ["sft", *[f"{a}_{s}" for a in ALGORITHMS for s in range(1, args.seeds + 1)]]
+              if os.path.isdir(os.path.join(runs, name)) and any(os.scandir(os.path.join(runs, name)))]
     if not os.path.isdir(sft_parent):
         os.makedirs(sft_parent)
         run(["sft.py", *common_flags, "--num-epochs", str(args.sft_epochs), "--output-dir", sft_parent], os.path.join(out, "sft.log"))
@@ -125,7 +128,7 @@ def main(args, extra):
 
     # 3. The table: final metrics on --eval-split, mean +- std over seeds; the command as typed (its paths as given, quoted)
     results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
-               "commit": commit(), "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
+               "commit": commit(), "reused_runs": reused, "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
     results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
     results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
     guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if algorithm == "ppo_pp"]
@@ -133,7 +136,7 @@ def main(args, extra):
     for algorithm in ALGORITHMS:
         per_seed = [rows(the_run(parent)) for a, _, parent, _ in jobs if a == algorithm]
         results["rows"][algorithm] = {k: [r[-1][k] for r in per_seed] for k, _ in METRICS}
-        results["curves"][algorithm] = [[(r["episodes"], r["eval/reward"]) for r in run_rows if "eval/reward" in r] for run_rows in per_seed]
+        results["curves"][algorithm] = [[(r["episodes"], r["eval/reward"], r.get("eval/kl")) for r in run_rows if "eval/reward" in r] for run_rows in per_seed]
     results["wall_time_s"] = round(time.time() - start)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -165,7 +168,9 @@ def markdown(results, args):
             mean, std = mean_std(values[key])
             cells.append(f"{mean:.3f} ± {std:.3f}" if len(values[key]) > 1 else f"{mean:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", f"Command: `{results['command']}`", f"Commit: {results['commit']}", f"Machine: {results['machine']}",
+    total = 1 + len(ALGORITHMS) * args.seeds
+    reused = f" ({len(results['reused_runs'])} of its {total} runs reused from an earlier invocation)" if results["reused_runs"] else ""
+    lines += ["", f"Command: `{results['command']}`", f"Commit: {results['commit']}{reused}", f"Machine: {results['machine']}",
               f"Wall time: {results['wall_time_s']} s", ""]
     return "\n".join(lines)
 
@@ -179,18 +184,22 @@ def plot(results, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))  # reward against episodes, and against eval/kl (the paper's Fig. 2)
     for algorithm, runs in results["curves"].items():
-        episodes = [e for e, _ in runs[0]]
-        per_point = list(zip(*[[r for _, r in run] for run in runs]))
+        episodes = [point[0] for point in runs[0]]
+        per_point = list(zip(*[[point[1] for point in run] for run in runs]))
         means = [statistics.mean(p) for p in per_point]
         stds = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in per_point]
-        ax.plot(episodes, means, label=algorithm)
+        line, = ax.plot(episodes, means, label=algorithm)
         ax.fill_between(episodes, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+        points = [(point[2], point[1]) for run in runs for point in run if len(point) > 2 and point[2] is not None]
+        kl_ax.scatter([k for k, _ in points], [r for _, r in points], s=12, color=line.get_color(), label=algorithm)
     guide = statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"])
-    ax.axhline(guide, color="gray", linestyle="--", label="guide (SFT + nucleus)")
+    for a in (ax, kl_ax):
+        a.axhline(guide, color="gray", linestyle="--", label="guide (SFT + nucleus)")
+        a.set_ylabel(f"{results['args']['eval_split']} reward")
     ax.set_xlabel("training episodes")
-    ax.set_ylabel(f"{results['args']['eval_split']} reward (P(positive))")
+    kl_ax.set_xlabel("eval/kl: KL(pi_theta || pi_0) per response, every evaluation of every seed")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -9,6 +9,8 @@ import socket
 import sys
 from typing import Literal
 
+import transformers
+
 import common
 from common import UserError, check
 from tasks import commongen, sentiment
@@ -39,7 +41,7 @@ def fill_from_preset(args, **renamed):
 def check_common_args(args):
     """One-line errors for bad values of the fields this script has."""
     has = lambda name: getattr(args, name, None) is not None  # noqa: E731
-    for name in ("num_iterations", "eval_every", "save_every"):
+    for name in ("num_iterations", "eval_every", "save_every", "top_k", "kl_coef", "vf_coef", "mle_coef"):
         if has(name):
             check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams"):
@@ -51,7 +53,7 @@ def check_common_args(args):
     for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
         if has(name):
             common.check_probability(getattr(args, name), f"--{name.replace('_', '-')}")
-    for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate"):
+    for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate", "max_grad_norm", "clip_range", "vf_clip_range"):
         if has(name):
             check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     if has("lr_schedule"):
@@ -90,6 +92,11 @@ def require_assets(args, flags):
     missing = []
     for flag in flags:
         name = getattr(args, flag)
+        if name and flag != "dataset_name" and os.path.isdir(name):
+            try:
+                transformers.AutoConfig.from_pretrained(name)
+            except (OSError, ValueError) as e:
+                raise UserError(f"--{flag.replace('_', '-')} {name}: not a model directory ({str(e).strip().splitlines()[0]})") from None
         if name and _is_hub_name(name) and not _in_hub_cache(name, "dataset" if flag == "dataset_name" else "model"):
             missing.append(f"--{flag.replace('_', '-')} {name}")
     if missing and not _hub_reachable():

@@ -31,7 +31,7 @@ PRESETS = {
         num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
         learning_rate=1e-4, lr_schedule="constant",
         vf_coef=0.5, kl_coef=0.001,
-        eval_every=4, eval_size=96, save_every=0,
+        eval_every=4, eval_size=96, save_every=4,
         d2lols_alpha=4,
     ),
     # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of

@@ -240,21 +240,21 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch, name):
     """A run that crashes right after its iteration-1 checkpoint and is resumed gives the same iterations 2-3 and the
     same final weights as an uninterrupted run, under a linear learning-rate schedule (the scheduler's state matters;
     d2lols: the switch happens across the restart)."""
-    import common
+    import runs
     from conftest import script, tiny_args
 
     extra = {"alpha": 1, "lr_schedule": "linear", "save_every": 1} if name == "d2lols" else {"lr_schedule": "linear", "save_every": 1}
     straight_dir, straight = run(name, tiny, tmp_path / "straight", num_iterations=3, **extra)
-    save = common.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_crash(*args):
         save(*args)
         raise Crash
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         run(name, tiny, tmp_path / "stopped", num_iterations=3, **extra)
-    monkeypatch.setattr(common, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
     module = script(name)
     module.main(tiny_args(module, tiny, tmp_path / "stopped", num_iterations=3, resume=run_dir, **extra))

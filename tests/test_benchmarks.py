@@ -28,7 +28,8 @@ def test_study_writes_the_table(tiny, tmp_path):
     assert results["command"] == shlex.join(["python", "benchmark/study.py", *argv]) and results["args"]["output"] == "my study"
     assert list(results["rows"]) == ["zero-shot", "SFT", "guide (SFT + nucleus)", "ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
     assert all(len(results["rows"][a]["eval/reward"]) == 2 for a in ("ppo", "d2lols"))
-    assert [e for e, _ in results["curves"]["ppo"][0]] == [0, 7, 14]  # a multiple of imdb's minibatch of 7 episodes
+    assert [e for e, _, _ in results["curves"]["ppo"][0]] == [0, 7, 14]  # a multiple of imdb's minibatch of 7 episodes
+    assert all(kl >= 0 for _, _, kl in results["curves"]["d2lols"][1]) and results["reused_runs"] == []
     table = open(out / "table.md").read()
     assert "| d2lols |" in table and "±" in table
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -37,6 +38,10 @@ def test_study_writes_the_table(tiny, tmp_path):
         (run,) = [d for d in (out / "runs" / parent).iterdir() if d.is_dir()]
         assert json.load(open(run / "args.json"))["eval_split"] == "test"
     assert "Command: `python benchmark/study.py --task imdb --output 'my study' --seeds 2" in table and str(out) not in table
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "study.py"), *argv], cwd=tmp_path, check=True, capture_output=True)
+    again = json.load(open(out / "results.json"))  # a second invocation reuses every run and says so
+    assert again["rows"] == results["rows"] and len(again["reused_runs"]) == 11
+    assert "(11 of its 11 runs reused from an earlier invocation)" in open(out / "table.md").read()
 
 
 def test_overhead_prints_ratios(tiny):

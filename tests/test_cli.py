@@ -35,17 +35,46 @@ def cli(*argv, env=None, timeout=300):
     (["ppo.py", "--learning-rate", "0"], "--learning-rate must be > 0"),
     (["aggrevated.py", "--vf-learning-rate", "-1"], "--vf-learning-rate must be > 0"),
     (["d2lols.py", "--beta2", "3"], "--beta2 must be in [0, 1]"),
-    (["d2lols.py", "--alpha", "-1"], "--alpha (iterations of AggreVaTeD) must be >= 0"),
+    (["d2lols.py", "--alpha", "-1"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12]"),
     (["ppo.py", "--num-iterations", "-1"], "--num-iterations must be >= 0"),
     (["ppo.py", "--rollouts-per-iteration", "6", "--minibatch-size", "4"], "multiple of --minibatch-size"),
-    (["ppo.py", "--resume", "/nonexistent"], "no checkpoint/training_state.pt"),
+    (["ppo.py", "--resume", "/nonexistent"], "--resume /nonexistent: not a run directory"),
+    (["ppo.py", "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+    (["ppo_pp.py", "--clip-range", "-0.2"], "--clip-range must be > 0"),
+    (["aggrevated.py", "--vf-clip-range", "-1"], "--vf-clip-range must be > 0"),
+    (["lols.py", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
+    (["ppo.py", "--top-k", "-5"], "--top-k must be >= 0"),
+    (["d2lols.py", "--alpha", "13"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12] (beyond it D2LOLS never switches"),
 ])
-def test_bad_input_is_one_line(argv, message):
-    done, _ = cli(*argv)
+def test_bad_input_is_one_line(argv, message, tmp_path):
+    done, _ = cli(*argv, "--output-dir", str(tmp_path / "runs"))
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line
+    assert not os.listdir(tmp_path / "runs") if os.path.isdir(tmp_path / "runs") else True  # no run directory left behind
+
+
+@pytest.mark.parametrize("flag, content, message", [
+    ("--model-name", "{not json", "--model-name {}: not a model directory (It looks like the config file"),
+    ("--guide-name", None, "--guide-name {}: not a model directory (Unrecognized model"),
+    ("--output-dir", "a file", "--output-dir {}: cannot write there (Not a directory)"),
+])
+def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, content, message):
+    """A model directory with a garbage config.json or nothing in it, an output directory that cannot be written."""
+    (tmp_path / "place").mkdir()
+    if flag == "--output-dir":
+        (tmp_path / "place" / "file").write_text(content)
+        path = str(tmp_path / "place" / "file" / "runs")
+    elif content:
+        (tmp_path / "place" / "config.json").write_text(content)
+    path = path if flag == "--output-dir" else str(tmp_path / "place")
+    argv = ["ppo_pp.py", flag, path] + ([] if flag == "--output-dir" else ["--output-dir", str(tmp_path / "runs")])
+    done, _ = cli(*argv)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message.format(path) in line, line
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
 @pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "sft"])

@@ -693,6 +693,8 @@ class Payload:
 def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
     """What save_checkpoint writes loads with torch.load(weights_only=True) and restores the optimizer, scheduler, random
     states and iteration; a --resume file that needs more (pickled code) is refused in one line, its code not run."""
+    import runs
+
     tokenizer = common.load_tokenizer(tiny["lm"])
     head = common.value_head(lm, 2, "cpu")
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
@@ -700,7 +702,7 @@ def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
     head(torch.randn(3, lm.config.hidden_size)).sum().backward()
     optimizer.step(), scheduler.step()
     rng = torch.Generator().manual_seed(7)
-    common.save_checkpoint(str(tmp_path), lm, tokenizer, head, optimizer, scheduler, 3, rng)
+    runs.save_checkpoint(str(tmp_path), lm, tokenizer, head, optimizer, scheduler, 3, rng)
     state_file = tmp_path / "checkpoint" / "training_state.pt"
     state = torch.load(state_file, weights_only=True)
     assert state["iteration"] == 3 and torch.equal(state["restart_rng"], rng.get_state())
@@ -709,12 +711,12 @@ def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
     optimizer2 = torch.optim.AdamW(head2.parameters(), lr=1e-3)
     scheduler2 = torch.optim.lr_scheduler.LambdaLR(optimizer2, common.lr_lambda("linear", 10))
     rng2 = torch.Generator()
-    assert common.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2) == 3
+    assert runs.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2) == 3
     assert torch.equal(rng2.get_state(), rng.get_state()) and scheduler2.state_dict() == scheduler.state_dict()
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
     marker = tmp_path / "payload_ran"
     torch.save({**state, "extra": Payload(str(marker))}, state_file)
     with pytest.raises(common.UserError, match="more than tensors") as refused:
-        common.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2)
+        runs.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2)
     assert "\n" not in str(refused.value) and not marker.exists()

@@ -1,0 +1,258 @@
+"""A run's bookkeeping, shared by every script and touching no algorithm: the command line, the run directory and its
+record (args.json), the logs, a guard against non-finite values, and checkpoints that a crash cannot spoil.
+
+What a crash (kill -9 included) loses: the iterations since the last checkpoint (`--save-every`), nothing else. A
+checkpoint is written into checkpoint.tmp and swapped in by renames; training_state.pt is written last (by a rename),
+so a checkpoint directory with a readable training_state.pt and model.safetensors is complete. `--resume DIR` takes
+the newest complete one, cuts the logs back to its iteration and continues exactly (the random streams are saved)."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import typing
+import zipfile
+
+import torch
+from safetensors import safe_open
+
+from common import UserError, check
+
+# What --resume may change: nothing the run has learned so far depends on these. (With --lr-schedule linear, a new
+# --num-iterations stretches the rest of the schedule.)
+RESUMABLE = ("resume", "num_iterations", "eval_every", "save_every", "device", "output_dir", "tensorboard", "track")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------------
+def cli(main, args_class):
+    """Parse the dataclass with tyro, run main(args); bad input ends with a one-line error and exit status 2.
+    With --resume DIR, a flag not typed takes the run's recorded value (DIR/args.json), so `--resume DIR` is enough."""
+    import tyro
+
+    try:
+        check_choices(args_class, sys.argv[1:])
+        args = tyro.cli(args_class)
+        if args.resume:
+            check_script(args)
+            typed = {a[2:].partition("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+            typed |= {name[3:] for name in typed if name.startswith("no_")}  # --no-tensorboard
+            for name, value in record(args.resume).items():
+                if name not in typed and hasattr(args, name):
+                    setattr(args, name, value)
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_choices(args_class, argv):
+    """A flag typed with its choices (Literal: --task, --eval-split) given another value: one line, not tyro's box."""
+    for field in dataclasses.fields(args_class):
+        if typing.get_origin(field.type) is typing.Literal:
+            flag, choices = "--" + field.name.replace("_", "-"), typing.get_args(field.type)
+            for arg, after in zip(argv, argv[1:] + [None]):
+                name, equals, inline = arg.partition("=")  # tyro takes --eval-split, --eval_split, --eval-split=test
+                value = (inline if equals else after) if name.replace("_", "-") == flag else None
+                check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run directory and its record
+# ---------------------------------------------------------------------------------------------------------------
+def script_of(args):
+    """The script whose Args these are (ppo.py, ...), run as a program or imported."""
+    return os.path.basename(sys.modules[type(args).__module__].__file__)
+
+
+def record(path):
+    """The flags a run was started with ({} when there is no readable args.json)."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def check_script(args):
+    made_by = record(args.resume).get("script", script_of(args))
+    check(made_by == script_of(args), f"--resume {args.resume}: that run was made by {made_by}; continue it with python {made_by} --resume {args.resume}")
+
+
+def run_dir(args):
+    """`--resume DIR` continues in DIR, after checking that the run is this script's, that no flag outside RESUMABLE
+    differs from its record, and that a complete checkpoint is there. Otherwise a new
+    `{output_dir}/{task}__{exp_name}__{seed}__{time}`, created by the Logger once the models have loaded (a run that
+    fails before leaves no empty directory)."""
+    if args.resume:
+        recorded = record(args.resume)
+        check(recorded, f"--resume {args.resume}: not a run directory (no readable args.json there)")
+        check_script(args)
+        now = json.loads(json.dumps(dataclasses.asdict(args)))
+        changed = [f"--{k.replace('_', '-')} {v} (the run's: {recorded.get(k)})" for k, v in now.items() if k not in RESUMABLE and v != recorded.get(k)]
+        check(not changed, f"--resume {args.resume}: flags that differ from the run's record (args.json): {', '.join(changed)}; only "
+              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[1:])} may change")
+        recover_checkpoint(args.resume)
+        return args.resume
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror})") from None
+    return os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------------------------
+class Logger:
+    """metrics.jsonl (one JSON object per line, an iteration each), samples.jsonl, optional TensorBoard and Weights &
+    Biases. A new run records its flags in args.json; a resumed one (start > 0) keeps that record and drops the rows
+    logged after its checkpoint's iteration, which the resumed run logs again."""
+
+    def __init__(self, path, args, start=0, tensorboard=False, track=False, project="rlgf"):
+        self.path = path
+        self.writer = self.wandb = None
+        os.makedirs(path, exist_ok=True)
+        if start == 0:
+            with open(os.path.join(path, "args.json"), "w") as f:
+                json.dump({"script": script_of(args), **dataclasses.asdict(args)}, f, indent=1)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            cut_log(os.path.join(path, name), start)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(path, purge_step=start + 1 if start else None)  # drops events after the checkpoint
+        if track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs the wandb package: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=project, name=os.path.basename(path), id=os.path.basename(path), resume="allow",
+                       config=dataclasses.asdict(args), dir=path)
+
+    def log(self, row, samples=None):
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # stays valid JSON
+        with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if samples:
+            with open(os.path.join(self.path, "samples.jsonl"), "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"iteration": row["iteration"], **s}) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.writer:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, row["iteration"])
+            self.writer.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=row["iteration"])
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def cut_log(file, start):
+    """Keep the rows of iterations <= start (all of them when start is 0) and drop a last line a crash cut short."""
+    if not os.path.isfile(file):
+        return
+    kept = []
+    with open(file) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not start or row["iteration"] <= start:
+                kept.append(json.dumps(row) + "\n")
+    with open(file + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(file + ".tmp", file)
+
+
+def check_finite(iteration, **values):
+    """Stop at the first non-finite reward, loss or gradient norm, before it reaches the weights, the logs or a
+    checkpoint: the last checkpoint stays as it was, and --resume continues from it."""
+    for name, value in values.items():
+        bad = ~torch.isfinite(torch.as_tensor(value).detach())
+        check(not bad.any(), f"iteration {iteration}: non-finite {name.replace('_', ' ')} ({int(bad.sum())} of {bad.numel()} "
+              "values); stopped before the update: nothing of this iteration was saved or logged, the last checkpoint is untouched")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng):
+    """The policy as a from_pretrained directory, plus what --resume needs to continue exactly. Written into
+    checkpoint.tmp, then swapped in: checkpoint -> checkpoint.old, checkpoint.tmp -> checkpoint, checkpoint.old
+    removed. A crash at any point leaves a complete checkpoint that recover_checkpoint finds; leftovers of an
+    earlier crash never make a save fail."""
+    from common import save_checkpoint_model
+
+    final = os.path.join(path, "checkpoint")
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint_model(policy, tokenizer, tmp)
+    state = dict(value_head=value_head.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 iteration=iteration, torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(state, os.path.join(tmp, "training_state.pt.part"))
+    os.replace(os.path.join(tmp, "training_state.pt.part"), os.path.join(tmp, "training_state.pt"))  # last: now complete
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def complete(directory):
+    """Both files of a checkpoint there and readable (a zip archive and a safetensors header that cover the files)."""
+    try:
+        zipfile.ZipFile(os.path.join(directory, "training_state.pt")).close()
+        with safe_open(os.path.join(directory, "model.safetensors"), "pt"):
+            return True
+    except Exception:  # missing, empty, cut short, not a checkpoint
+        return False
+
+
+def recover_checkpoint(path):
+    """Make `checkpoint` the newest complete one of checkpoint.tmp (a save that was written but not swapped in),
+    checkpoint and checkpoint.old (moved aside by a swap that was cut short), and remove the others. Every step
+    leaves the chosen one in place, so a crash here too loses nothing."""
+    final = os.path.join(path, "checkpoint")
+    newest = next((d for d in (final + ".tmp", final, final + ".old") if complete(d)), None)
+    check(newest is not None, f"--resume {path}: no complete checkpoint there (checkpoint/training_state.pt or "
+          "model.safetensors missing or damaged); start the run again")
+    if newest != final:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(newest, final)
+    for leftover in (final + ".tmp", final + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def load_training_state(path, value_head, optimizer, scheduler, rng):
+    """save_checkpoint stores tensors, numbers, dicts and lists only: torch.load unpickles no code (weights_only)."""
+    try:
+        state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for pickled code
+        raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values, or is damaged; it is not "
+                        f"unpickled ({type(e).__name__})") from None
+    value_head.load_state_dict(state["value_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.set_state(state["restart_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"resuming {path} after iteration {state['iteration']}")
+    return state["iteration"]
