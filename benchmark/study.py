@@ -19,7 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import tyro
 
@@ -41,8 +41,8 @@ class Args:
     """seeds per algorithm (1..seeds)"""
     num_iterations: int = 30
     """RL iterations of every run"""
-    rollouts_per_iteration: int = 32
-    """episodes per iteration of every run"""
+    rollouts_per_iteration: Optional[int] = None
+    """episodes per iteration of every run (None: the task's preset, a multiple of its minibatch)"""
     eval_every: int = 5
     """evaluation interval (iterations)"""
     eval_size: int = 200
@@ -92,6 +92,7 @@ def main(args, extra):
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     runs = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
+    rollouts = args.rollouts_per_iteration or tasks.TASKS[args.task]["rollouts_per_iteration"]
     common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), "--eval-split", args.eval_split, *extra]
 
     # 1. SFT on the positive reviews (its before/after evaluations are the zero-shot and SFT rows)
@@ -110,7 +111,7 @@ def main(args, extra):
         for seed in range(1, args.seeds + 1):
             parent = os.path.join(runs, f"{algorithm}_{seed}")
             flags = [*common_flags, "--model-name", checkpoint, "--seed", str(seed), "--output-dir", parent,
-                     "--num-iterations", str(args.num_iterations), "--rollouts-per-iteration", str(args.rollouts_per_iteration),
+                     "--num-iterations", str(args.num_iterations), "--rollouts-per-iteration", str(rollouts),
                      "--eval-every", str(args.eval_every), "--save-every", "0"]
             if algorithm == "d2lols":
                 flags += ["--alpha", str(round(args.d2lols_alpha_share * args.num_iterations))]
@@ -128,7 +129,7 @@ def main(args, extra):
 
     # 3. The table: final metrics on --eval-split, mean +- std over seeds; the command as typed (its paths as given, quoted)
     results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
-               "commit": commit(), "reused_runs": reused, "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
+               "commit": commit(), "reused_runs": reused, "rollouts_per_iteration": rollouts, "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
     results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
     results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
     guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if algorithm == "ppo_pp"]
@@ -160,7 +161,7 @@ def machine():
 
 def markdown(results, args):
     lines = [f"{args.eval_split.capitalize()} metrics at the end of training, mean ± std over {args.seeds} seeds "
-             f"({args.num_iterations} iterations x {args.rollouts_per_iteration} episodes, {args.eval_size} prompts).", "",
+             f"({args.num_iterations} iterations x {results['rollouts_per_iteration']} episodes, {args.eval_size} prompts).", "",
              "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for row, values in results["rows"].items():
         cells = []
