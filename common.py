@@ -80,11 +80,11 @@ def load_tokenizer(name):
     return tokenizer
 
 
-def load_lm(name, device):
+def load_lm(name, device, dtype=torch.float32):
     """A causal LM (GPT-2, SmolLM2) or an encoder-decoder (T5): the helpers below handle both."""
     config = _loaded(transformers.AutoConfig.from_pretrained, name)
     auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
-    model = _loaded(lambda path: auto.from_pretrained(path, dtype=torch.float32), name).to(device)
+    model = _loaded(lambda path: auto.from_pretrained(path, dtype=dtype), name).to(device)
     model.eval()  # no dropout anywhere: old and new log-probs must come from the same function
     return model
 
@@ -104,13 +104,24 @@ def save_checkpoint_model(model, tokenizer, path):
     tokenizer.save_pretrained(path)
 
 
-def load_reference_and_policy(args, device):
-    """pi_0 (frozen KL reference) and pi_theta, a trainable copy of it; both from --model-name. With --resume the
-    policy's weights come from the run's checkpoint while pi_0 stays the starting model."""
+def mixed_precision(model, dtype):
+    """A trained model under bf16 keeps fp32 weights (and fp32 AdamW state) and runs every forward pass under autocast;
+    its logits are upcast before any log_softmax (_logits, sample), its value heads run in fp32 (forward)."""
+    if dtype != torch.float32:
+        model.forward = torch.autocast(model.device.type, dtype=dtype)(model.forward)
+    return model
+
+
+def load_reference_and_policy(args, device, dtype=torch.float32):
+    """pi_0 (frozen KL reference, stored in `dtype`) and pi_theta, a trainable fp32 copy of it (mixed precision);
+    both from --model-name. With --resume the policy's weights come from the run's checkpoint while pi_0 stays the
+    starting model."""
     reference = frozen(load_lm(args.model_name, device))
     policy = copy.deepcopy(reference)
+    reference.to(dtype)
     for p in policy.parameters():
         p.requires_grad_(True)
+    mixed_precision(policy, dtype)
     if args.resume:
         try:
             load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
@@ -119,7 +130,7 @@ def load_reference_and_policy(args, device):
     return reference, policy
 
 
-def load_guide(name, tokenizer, shared, device, top_k, top_p):
+def load_guide(name, tokenizer, shared, device, dtype, top_k, top_p):
     """The guide pi_g as (continue-prefixes callable, model or None). `module:function` names a black-box callable
     with the signature of `sampler`'s result (an API model, say); anything else is a causal LM, frozen and shared."""
     if re.fullmatch(r"[\w.]+:\w+", name) and not os.path.exists(name):
@@ -130,14 +141,15 @@ def load_guide(name, tokenizer, shared, device, top_k, top_p):
             raise UserError(f"--guide-name {name}: cannot import that callable ({e})") from None
     check(load_tokenizer(name).get_vocab() == tokenizer.get_vocab(), f"--guide-name {name}: its tokenizer's vocabulary differs "
           "from --model-name's, but the guide continues the policy's token ids (wrap it in a module:function guide that translates)")
-    model = load_frozen_lm(name, shared, device)
+    model = load_frozen_lm(name, shared, device, dtype)
     return sampler(model, tokenizer, top_k, top_p), model
 
 
-def load_frozen_lm(name, shared, device):
-    """A frozen LM (guide, eval LM). `shared` maps names already loaded to their frozen model: one copy serves all."""
+def load_frozen_lm(name, shared, device, dtype=torch.float32):
+    """A frozen LM (guide, eval LM) stored in `dtype`. `shared` maps names already loaded to their frozen model: one
+    copy serves all."""
     if name not in shared:
-        shared[name] = frozen(load_lm(name, device))
+        shared[name] = frozen(load_lm(name, device, dtype))
     return shared[name]
 
 
@@ -381,7 +393,7 @@ def forward(model, value_head, query, query_mask, response, response_mask, entro
     logits, states = _logits(model, query, query_mask, response, response_mask, hidden=value_head is not None)
     logp = logits.log_softmax(-1)
     logprobs = torch.gather(logp, 2, response[..., None]).squeeze(-1)
-    values = value_head(states).float() if value_head is not None else None
+    values = value_head(states.float()) if value_head is not None else None
     if entropy:
         return logprobs, values, -(logp.exp() * logp).sum(-1)
     return logprobs, values
@@ -506,6 +518,11 @@ def lr_lambda(schedule, total_updates):
 
 def device_of(name):
     return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def dtype_of(name, device):
+    """--dtype: auto is bfloat16 on CUDA, float32 elsewhere."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name if name != "auto" else ("bfloat16" if device.type == "cuda" else "float32")]
 
 
 def progress(total, initial, desc):

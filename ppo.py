@@ -26,6 +26,8 @@ class Args:
     """seed of the experiment"""
     device: str = "auto"
     """cuda if available, else cpu; or any torch device"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{task}__{exp_name}__{seed}__{time}"""
     resume: Optional[str] = None
@@ -106,14 +108,15 @@ def main(args):
     path = runs.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
+    dtype = common.dtype_of(args.dtype, device)
     rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only (PPO draws none)
 
     tokenizer = common.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
     reward_fn = tasks.load_reward(args, data, reward_data, device)
-    reference, policy = common.load_reference_and_policy(args, device)
+    reference, policy = common.load_reference_and_policy(args, device, dtype)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
-    eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device)
+    eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
     value_head = common.value_head(policy, 1, device)  # V^{pi_theta}
     samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p)}
 

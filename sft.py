@@ -26,6 +26,8 @@ class Args:
     """seed of the experiment"""
     device: str = "auto"
     """cuda if available, else cpu; or any torch device"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
     output_dir: str = "runs"
     """the checkpoint goes to {output_dir}/{task}__sft__{seed}__{time}/checkpoint"""
     num_epochs: float = 1.0
@@ -78,12 +80,13 @@ def main(args):
     path = runs.run_dir(args)
     common.seed_everything(args.seed)
     device = common.device_of(args.device)
+    dtype = common.dtype_of(args.dtype, device)
 
     tokenizer = common.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
     reward_fn = tasks.load_reward(args, data, reward_data, device)
-    policy = common.load_lm(args.model_name, device)
-    eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device))
+    policy = common.mixed_precision(common.load_lm(args.model_name, device), dtype)
+    eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device, dtype))
     sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
     eval_pairs = data[args.eval_split][: args.eval_size]
     logger = runs.Logger(path, args, 0, args.tensorboard, args.track)

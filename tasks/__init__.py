@@ -131,4 +131,4 @@ def load_reward(args, data, reward_data, device):
         return sentiment.BagOfWordsSentiment(reward_data)
     if args.reward_model_name == "cider-d":
         return commongen.ConceptsReward(reward_data, [p for p, _ in data["train"]])
-    return sentiment.ClassifierSentiment(args.reward_model_name, device)
+    return sentiment.ClassifierSentiment(args.reward_model_name, device, common.dtype_of(getattr(args, "dtype", "auto"), device))

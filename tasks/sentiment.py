@@ -184,9 +184,9 @@ class BagOfWordsSentiment:
 class ClassifierSentiment:
     """A hub/local sequence classifier (lvwerra/distilbert-imdb): P(the label named POSITIVE, else label 1)."""
 
-    def __init__(self, name, device, batch_size=32):
+    def __init__(self, name, device, dtype=torch.float32, batch_size=32):
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        self.model = common.frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name).to(device))
+        self.model = common.frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device))
         labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
         self.positive = labels.get("POSITIVE", 1)
         self.device, self.batch_size = device, batch_size
