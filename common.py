@@ -399,8 +399,10 @@ def forward(model, value_head, query, query_mask, response, response_mask, entro
     return logprobs, values
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, whole=None):
+    """Mean of x over the masked entries. whole: the mask of the minibatch of which x is a micro-batch, so that the
+    micro-batches' means add up to the minibatch's (gradient accumulation)."""
+    return (x * mask).sum() / (mask if whole is None else whole).sum().clamp(min=1)
 
 
 def masked_whiten(x, mask, eps=1e-8):

@@ -68,6 +68,8 @@ class Args:
     """episodes collected per iteration"""
     minibatch_size: Optional[int] = None
     """episodes per gradient step"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per minibatch (each minibatch's gradient is the same at any value: it saves memory)"""
     ppo_epochs: Optional[int] = None
     """passes over each iteration's episodes"""
     learning_rate: Optional[float] = None
@@ -172,35 +174,39 @@ def main(args):
         advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
         advantages = common.masked_whiten(advantages, policy_mask)
 
-        # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references.
+        # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references. Each minibatch mb runs as
+        # --gradient-accumulation-steps micro-batches mu whose token means divide by mb's token counts: their gradients add
+        # up to the whole minibatch's.
         stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm")}
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(batch)).split(args.minibatch_size):
-                logprobs, new_values = common.forward(policy, value_head, query[mb], query_mask[mb], response[mb], response_mask[mb])
-                log_ratio = logprobs - old_logprobs[mb]
-                ratio = log_ratio.exp()
-                pg_losses = torch.max(-advantages[mb] * ratio, -advantages[mb] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
-                pg_loss = common.masked_mean(pg_losses, policy_mask[mb])
-                v_new = new_values[..., 0]
-                v_clipped = values[mb] + (v_new - values[mb]).clamp(-args.vf_clip_range, args.vf_clip_range)
-                vf_losses = torch.max((v_new - returns[mb]) ** 2, (v_clipped - returns[mb]) ** 2)
-                vf_loss = 0.5 * common.masked_mean(vf_losses, value_mask[mb])
-                ref_logprobs_mb, _ = common.forward(policy, None, query[mb], query_mask[mb], ref_tokens[mb], ref_mask[mb])
-                mle_loss = -common.masked_mean(ref_logprobs_mb, ref_mask[mb])
-                loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
                 optimizer.zero_grad()
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
-                runs.check_finite(iteration, policy_loss=pg_loss, value_loss=vf_loss, mle_loss=mle_loss, grad_norm=grad_norm)
+                parts = []
+                for mu in mb.split(args.minibatch_size // args.gradient_accumulation_steps):
+                    logprobs, new_values = common.forward(policy, value_head, query[mu], query_mask[mu], response[mu], response_mask[mu])
+                    log_ratio = logprobs - old_logprobs[mu]
+                    ratio = log_ratio.exp()
+                    pg_losses = torch.max(-advantages[mu] * ratio, -advantages[mu] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
+                    pg_loss = common.masked_mean(pg_losses, policy_mask[mu], policy_mask[mb])
+                    v_new = new_values[..., 0]
+                    v_clipped = values[mu] + (v_new - values[mu]).clamp(-args.vf_clip_range, args.vf_clip_range)
+                    vf_losses = torch.max((v_new - returns[mu]) ** 2, (v_clipped - returns[mu]) ** 2)
+                    vf_loss = 0.5 * common.masked_mean(vf_losses, value_mask[mu], value_mask[mb])
+                    ref_logprobs_mu, _ = common.forward(policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu])
+                    mle_loss = -common.masked_mean(ref_logprobs_mu, ref_mask[mu], ref_mask[mb])
+                    loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
+                    loss.backward()
+                    with torch.no_grad():
+                        parts.append({"loss/policy": pg_loss, "loss/value": vf_loss, "loss/mle": mle_loss,
+                                      "policy/clipfrac": common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mu], policy_mask[mb]),
+                                      "policy/approx_kl": common.masked_mean(0.5 * log_ratio**2, policy_mask[mu], policy_mask[mb])})
+                step = {k: sum(part[k] for part in parts) for k in parts[0]}  # the minibatch's means
+                step["grad_norm"] = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
+                runs.check_finite(iteration, **step)
                 optimizer.step()
                 scheduler.step()
-                with torch.no_grad():
-                    stats["loss/policy"].append(pg_loss.item())
-                    stats["loss/value"].append(vf_loss.item())
-                    stats["loss/mle"].append(mle_loss.item())
-                    stats["grad_norm"].append(grad_norm.item())
-                    stats["policy/clipfrac"].append(common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mb]).item())
-                    stats["policy/approx_kl"].append(common.masked_mean(0.5 * log_ratio**2, policy_mask[mb]).item())
+                for k, v in step.items():
+                    stats[k].append(v.item())
 
         # Log, evaluate, checkpoint
         row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,

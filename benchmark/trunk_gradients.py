@@ -36,8 +36,8 @@ def main(args, extra):
     terms, seen, norms = [], {}, {"policy loss": [], "value loss x vf_coef": [], "MLE x mle_coef": [], "all terms": []}
     mean, forward, backward = common.masked_mean, common.forward, torch.Tensor.backward
 
-    def mean_spy(x, mask):  # the three terms of the loss, in order: policy, value, MLE
-        out = mean(x, mask)
+    def mean_spy(x, mask, *whole):  # the three terms of the loss, in order: policy, value, MLE
+        out = mean(x, mask, *whole)
         if torch.is_grad_enabled() and x.requires_grad:
             terms.append(out)
         return out

@@ -50,6 +50,9 @@ def check_common_args(args):
     check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
     if has("rollouts_per_iteration"):
         check(args.rollouts_per_iteration % args.minibatch_size == 0, "--rollouts-per-iteration must be a multiple of --minibatch-size")
+    if has("gradient_accumulation_steps"):
+        check(args.gradient_accumulation_steps >= 1 and args.minibatch_size % args.gradient_accumulation_steps == 0,
+              "--gradient-accumulation-steps must be >= 1 and divide --minibatch-size")
     for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
         if has(name):
             common.check_probability(getattr(args, name), f"--{name.replace('_', '-')}")

@@ -151,10 +151,10 @@ def spy(monkeypatch):
         finally:
             monkeypatch.setattr(common, "masked_mean", mean_spy)
 
-    def mean_spy(x, mask):
+    def mean_spy(x, mask, *whole):
         if torch.is_grad_enabled() and x.requires_grad:  # the terms of the loss, not the logged statistics
             seen["masked_means"].append(mask.detach().clone())
-        return mean(x, mask)
+        return mean(x, mask, *whole)
 
     monkeypatch.setattr(common, "generate_with_restarts", generate_spy)
     monkeypatch.setattr(common, "masked_whiten", whiten_spy)

@@ -129,7 +129,7 @@ def test_a_non_finite_reward_stops_the_run_and_spares_the_checkpoint(tiny, tmp_p
         assert [json.loads(line)["iteration"] for line in f] == [0, 1]
 
 
-@pytest.mark.parametrize("name, poisoned, expected", [*[(n, "logprobs", "policy loss") for n in SCRIPTS], ("ppo", "values", "value loss")])
+@pytest.mark.parametrize("name, poisoned, expected", [*[(n, "logprobs", "loss/policy") for n in SCRIPTS], ("ppo", "values", "loss/value")])
 def test_a_non_finite_loss_stops_before_the_optimizer_step(tiny, tmp_path, monkeypatch, name, poisoned, expected):
     """NaN log-probs or values in the third minibatch step: one line naming the loss term, and that step is not taken."""
     import common
