@@ -11,7 +11,7 @@ import re
 
 import torch
 import transformers
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from tqdm.auto import tqdm
 
 transformers.utils.logging.set_verbosity_error()
@@ -81,7 +81,12 @@ def load_tokenizer(name):
 
 
 def load_lm(name, device, dtype=torch.float32):
-    """A causal LM (GPT-2, SmolLM2) or an encoder-decoder (T5): the helpers below handle both."""
+    """A causal LM (GPT-2, SmolLM2) or an encoder-decoder (T5): the helpers below handle both. A LoRA checkpoint
+    (adapter_config.json: sft.py or an RL run with --lora-r) loads as its base with the adapter merged in."""
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):
+        peft = _peft()
+        base = peft.PeftConfig.from_pretrained(name).base_model_name_or_path
+        return peft.PeftModel.from_pretrained(load_lm(base, device, dtype), name).merge_and_unload().eval()
     config = _loaded(transformers.AutoConfig.from_pretrained, name)
     auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
     model = _loaded(lambda path: auto.from_pretrained(path, dtype=dtype), name).to(device)
@@ -97,11 +102,55 @@ def frozen(model):
 
 
 def save_checkpoint_model(model, tokenizer, path):
-    """A directory from_pretrained can load (works for GGUF-loaded models too)."""
+    """A directory from_pretrained can load (works for GGUF-loaded models too); under LoRA, the adapter only
+    (adapter_model.safetensors, adapter_config.json naming the base), which --model-name loads merged (load_lm)."""
     os.makedirs(path, exist_ok=True)
     model.config.save_pretrained(path)
-    save_model(model, os.path.join(path, "model.safetensors"))
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(path)
+    else:
+        save_model(model, os.path.join(path, "model.safetensors"))
     tokenizer.save_pretrained(path)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA needs the peft package: pip install peft") from None
+    return peft
+
+
+def lora(model, args):
+    """LoRA adapters (peft) on every linear layer of the blocks (not the output layer): only they train, in fp32; the
+    base weights stay frozen, in the dtype they were loaded in."""
+    config = _peft().LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
+    model = _peft().get_peft_model(model, config)
+    for name, module in model.named_modules():  # eval mode everywhere, but for LoRA's own dropout when asked for
+        module.train(args.lora_dropout > 0 and "lora_dropout" in name)
+    return model
+
+
+class AdaptersOff:
+    """pi_0 under LoRA: the policy's own base weights, run with its adapters switched off. One copy of the base serves
+    the policy, the KL reference and a guide or eval LM of the same checkpoint."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def _off(self, fn, *args, **kwargs):
+        with torch.no_grad(), self.model.disable_adapter():
+            return fn(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._off(self.model, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self._off(self.model.generate, *args, **kwargs)
+
+    def get_encoder(self):
+        encoder = self.model.get_encoder()
+        return lambda *args, **kwargs: self._off(encoder, *args, **kwargs)
 
 
 def mixed_precision(model, dtype):
@@ -114,18 +163,26 @@ def mixed_precision(model, dtype):
 
 def load_reference_and_policy(args, device, dtype=torch.float32):
     """pi_0 (frozen KL reference, stored in `dtype`) and pi_theta, a trainable fp32 copy of it (mixed precision);
-    both from --model-name. With --resume the policy's weights come from the run's checkpoint while pi_0 stays the
+    both from --model-name. Under LoRA (--lora-r > 0) pi_theta is the base with adapters and pi_0 the same base with
+    them off: no copy. With --resume the policy's weights come from the run's checkpoint while pi_0 stays the
     starting model."""
-    reference = frozen(load_lm(args.model_name, device))
-    policy = copy.deepcopy(reference)
-    reference.to(dtype)
-    for p in policy.parameters():
-        p.requires_grad_(True)
+    if args.lora_r:
+        policy = lora(load_lm(args.model_name, device, dtype), args)
+        reference = AdaptersOff(policy)
+    else:
+        reference = frozen(load_lm(args.model_name, device))
+        policy = copy.deepcopy(reference)
+        reference.to(dtype)
+        for p in policy.parameters():
+            p.requires_grad_(True)
     mixed_precision(policy, dtype)
     if args.resume:
         try:
-            load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
-        except RuntimeError as e:
+            if args.lora_r:
+                _peft().set_peft_model_state_dict(policy, load_file(os.path.join(args.resume, "checkpoint", "adapter_model.safetensors")))
+            else:
+                load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
+        except (RuntimeError, OSError) as e:
             raise UserError(f"--resume {args.resume}: its weights do not fit --model-name {args.model_name} ({str(e).splitlines()[0]})") from None
     return reference, policy
 

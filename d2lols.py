@@ -43,6 +43,12 @@ class Args:
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None
     """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
+    lora_r: int = 0
+    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (the update is alpha / r x BA)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
     reward_model_name: Optional[str] = None
     """the sentiment classifier giving the task reward: hub name, local directory or bow-logreg"""
     eval_lm_name: Optional[str] = None

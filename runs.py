@@ -216,10 +216,12 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
 
 
 def complete(directory):
-    """Both files of a checkpoint there and readable (a zip archive and a safetensors header that cover the files)."""
+    """Both files of a checkpoint there and readable (a zip archive and a safetensors header that cover the files); the
+    weights are model.safetensors, or adapter_model.safetensors under LoRA."""
     try:
         zipfile.ZipFile(os.path.join(directory, "training_state.pt")).close()
-        with safe_open(os.path.join(directory, "model.safetensors"), "pt"):
+        lora = os.path.isfile(os.path.join(directory, "adapter_model.safetensors"))
+        with safe_open(os.path.join(directory, "adapter_model.safetensors" if lora else "model.safetensors"), "pt"):
             return True
     except Exception:  # missing, empty, cut short, not a checkpoint
         return False

@@ -48,6 +48,12 @@ class Args:
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None
     """the model to fine-tune: hub name, local directory or smollm2-135m"""
+    lora_r: int = 0
+    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (the update is alpha / r x BA)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
     reward_model_name: Optional[str] = None
     """the sentiment classifier used for the before/after evaluation"""
     eval_lm_name: Optional[str] = None
@@ -85,7 +91,8 @@ def main(args):
     tokenizer = common.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
     reward_fn = tasks.load_reward(args, data, reward_data, device)
-    policy = common.mixed_precision(common.load_lm(args.model_name, device), dtype)
+    policy = common.load_lm(args.model_name, device, dtype if args.lora_r else torch.float32)
+    policy = common.mixed_precision(common.lora(policy, args) if args.lora_r else policy, dtype)
     eval_lm = common.frozen(common.load_lm(args.eval_lm_name, device, dtype))
     sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
     eval_pairs = data[args.eval_split][: args.eval_size]

@@ -59,6 +59,8 @@ def check_common_args(args):
     for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate", "max_grad_norm", "clip_range", "vf_clip_range"):
         if has(name):
             check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    if has("lora_r"):
+        check(args.lora_r >= 0 and args.lora_alpha > 0 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1)")
     if has("lr_schedule"):
         check(args.lr_schedule in ("constant", "linear"), "--lr-schedule must be 'constant' or 'linear'")
     check(args.truncation_side in ("left", "right"), "--truncation-side must be 'left' or 'right'")

@@ -72,3 +72,83 @@ def test_gradient_accumulation_is_the_whole_minibatch(tiny, tmp_path, name):
     assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # the step moved the weights
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def spy_models(monkeypatch):
+    import common
+
+    seen = {}
+    load, guide = common.load_reference_and_policy, common.load_guide
+
+    def load_spy(*args, **kwargs):
+        seen["reference"], seen["policy"] = load(*args, **kwargs)
+        return seen["reference"], seen["policy"]
+
+    def guide_spy(*args, **kwargs):
+        sample, seen["guide"] = guide(*args, **kwargs)
+        return sample, seen["guide"]
+
+    monkeypatch.setattr(common, "load_reference_and_policy", load_spy)
+    monkeypatch.setattr(common, "load_guide", guide_spy)
+    return seen
+
+
+def test_lora_trains_adapters_on_one_copy_of_the_base(tiny, tmp_path, monkeypatch):
+    """--lora-r 4: only the adapters train; the KL reference and the guide (same checkpoint) are the policy's own base
+    with the adapters off, so one copy of the base weights exists, and after training they still compute exactly
+    what a freshly loaded base model computes."""
+    import common
+
+    seen = spy_models(monkeypatch)
+    run_dir, metrics = run("ppo_pp", tiny, tmp_path, num_iterations=2, beta=0.5, lora_r=4, lora_alpha=8, save_every=1)
+    policy, reference = seen["policy"], seen["reference"]
+    assert seen["guide"] is reference and reference.model is policy
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # B starts at zero: it moved
+    fresh = common.load_lm(tiny["lm"], torch.device("cpu"))
+    base = [p for n, p in policy.named_parameters() if "lora_" not in n]
+    assert sum(p.numel() for p in base) == sum(p.numel() for p in fresh.parameters())  # the base, once, and nothing else
+    ids = torch.randint(3, 30, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids).logits, fresh(input_ids=ids).logits)
+        assert not torch.equal(policy(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(os.path.join(run_dir, "checkpoint")))
+    assert metrics[-1]["train/kl"] != 0 and all(v == v for m in metrics for v in m.values() if isinstance(v, float))
+
+
+def test_lora_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+    import runs
+    from conftest import script, tiny_args
+
+    flags = dict(num_iterations=3, lora_r=4, lora_alpha=8, save_every=1, lr_schedule="linear")
+    straight_dir, straight = run("ppo", tiny, tmp_path / "straight", **flags)
+    save = runs.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run("ppo", tiny, tmp_path / "stopped", **flags)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
+    module = script("ppo")
+    module.main(tiny_args(module, tiny, tmp_path / "stopped", resume=run_dir, **flags))
+    resumed = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    drop = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(r) for r in resumed] == [drop(r) for r in straight]
+    a, b = (load_file(os.path.join(d, "checkpoint", "adapter_model.safetensors")) for d in (straight_dir, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_with_lora_feeds_an_rl_run_with_lora(tiny, tmp_path):
+    """sft.py --lora-r writes an adapter checkpoint; as --model-name it loads as the base with the adapter merged in
+    (the RL run's iteration-0 perplexity is sft's final one), and the RL run puts its own adapters on top."""
+    sft_dir, sft = run("sft", tiny, tmp_path / "sft", num_epochs=1.0, batch_size=8, lora_r=4, lora_alpha=32, learning_rate=1e-2)
+    checkpoint = os.path.join(sft_dir, "checkpoint")
+    assert os.path.isfile(os.path.join(checkpoint, "adapter_model.safetensors"))
+    assert sft[-1]["eval/perplexity"] < sft[0]["eval/perplexity"]
+    _, metrics = run("ppo", tiny, tmp_path / "rl", num_iterations=1, model_name=checkpoint, lora_r=4)
+    assert metrics[0]["eval/perplexity"] == pytest.approx(sft[-1]["eval/perplexity"], rel=1e-4)
