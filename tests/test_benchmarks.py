@@ -68,3 +68,14 @@ def test_trunk_gradients_splits_the_loss(tiny, tmp_path):
     assert list(norms) == ["policy loss", "value loss x vf_coef", "MLE x mle_coef", "all terms"]
     assert all(v > 0 for v in norms.values())
     assert norms["all terms"] <= 1.0001 * (norms["policy loss"] + norms["value loss x vf_coef"] + norms["MLE x mle_coef"])
+
+
+def test_memory_prints_both_variants(tiny, tmp_path):
+    done = subprocess.run([sys.executable, "benchmark/memory.py", "--script", "ppo_pp", "--lora-r", "4", "--", *tiny_flags(tiny),
+                           "--rollouts-per-iteration", "4", "--minibatch-size", "4", "--eval-size", "4"],
+                          cwd=ROOT, check=True, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    assert lines[1].split()[0] == "variant"
+    peaks = {line[:20].strip(): line[20:].split() for line in lines[2:]}
+    assert list(peaks) == ["full fine-tuning", "LoRA r 4"]
+    assert all(0.05 < float(rss) < 64 and gpu == "-" for rss, gpu in peaks.values())
