@@ -494,6 +494,14 @@ def gae(rewards, values, mask, gamma, lam, rollin=None):
     return advantages, advantages + values
 
 
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """GRPO's critic-free advantage: each reward minus the mean of its group (group_size consecutive samples of one
+    prompt), divided by the group's std (unbiased, + eps) when `scale`; unscaled is Dr. GRPO's choice."""
+    groups = rewards.view(-1, group_size)
+    centered = groups - groups.mean(1, keepdim=True)
+    return (centered / (groups.std(1, keepdim=True) + eps) if scale else centered).reshape(-1)
+
+
 def explained_variance(values, returns, mask):
     """1 - Var(returns - V) / Var(returns) over the critic's tokens: 1 is a perfect critic, 0 no better than a constant
     (None when the returns do not vary, e.g. no token is the critic's)."""

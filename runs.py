@@ -203,7 +203,7 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint_model(policy, tokenizer, tmp)
-    state = dict(value_head=value_head.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+    state = dict(value_head=value_head.state_dict() if value_head is not None else None, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  iteration=iteration, torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save(state, os.path.join(tmp, "training_state.pt.part"))
@@ -249,7 +249,8 @@ def load_training_state(path, value_head, optimizer, scheduler, rng):
     except Exception as e:  # pickle.UnpicklingError for pickled code
         raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values, or is damaged; it is not "
                         f"unpickled ({type(e).__name__})") from None
-    value_head.load_state_dict(state["value_head"])
+    if value_head is not None:  # (GRPO has none)
+        value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

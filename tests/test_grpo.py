@@ -1,0 +1,137 @@
+"""grpo.py and grpo_pp.py: the group advantage, beta = 0, the guide's tokens, the all-fail trigger, end to end, resume."""
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GUIDE_TOKEN, run
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_match_a_plain_loop(scale):
+    import common
+
+    rewards = torch.tensor([0.1, 0.5, 0.2, 0.9, 1.0, 1.0, 1.0, 1.0, -2.0, 3.0, 0.0, 0.5])
+    expected = []
+    for g in range(0, len(rewards), 4):
+        group = rewards[g : g + 4].tolist()
+        mean, std = statistics.mean(group), statistics.stdev(group)
+        expected += [(r - mean) / (std + 1e-4) if scale else r - mean for r in group]
+    torch.testing.assert_close(common.group_advantages(rewards, 4, scale), torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_grpo_pp_with_beta_zero_is_grpo(tiny, tmp_path):
+    _, grpo = run("grpo", tiny, tmp_path / "grpo", num_iterations=3)
+    _, other = run("grpo_pp", tiny, tmp_path / "grpo_pp", num_iterations=3, beta=0.0)
+    assert len(grpo) == len(other) == 4
+    for a, b in zip(grpo, other):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: b[k] for k in a if not k.startswith("time/")}
+    assert grpo[-1]["train/kl"] != 0.0 and grpo[1]["loss/policy"] != 0.0
+
+
+def record(monkeypatch):
+    """Every call of generate_with_restarts (its rollin choices and output) and every mask under a loss term."""
+    import common
+
+    seen = {"calls": [], "loss_masks": []}
+    generate, mean = common.generate_with_restarts, common.masked_mean
+
+    def generate_spy(samplers, query, query_mask, rollin_by, *args, **kwargs):
+        out = generate(samplers, query, query_mask, rollin_by, *args, **kwargs)
+        seen["calls"].append(dict(query=query.clone(), rollin_by=rollin_by.clone(), **{k: v.clone() for k, v in out.items()}))
+        return out
+
+    def mean_spy(x, mask, *whole):
+        if torch.is_grad_enabled() and x.requires_grad:
+            seen["loss_masks"].append(mask.clone())
+        return mean(x, mask, *whole)
+
+    monkeypatch.setattr(common, "generate_with_restarts", generate_spy)
+    monkeypatch.setattr(common, "masked_mean", mean_spy)
+    return seen
+
+
+def test_grpo_pp_gives_the_guides_tokens_no_loss(tiny, tmp_path, monkeypatch):
+    """beta = 1 with a guide that writes only GUIDE_TOKEN: every policy-loss mask covers exactly pi_theta's tokens of
+    its rows (no token at t < h), and the groups' samples all restart."""
+    seen = record(monkeypatch)
+    _, metrics = run("grpo_pp", tiny, tmp_path, num_iterations=2, beta=1.0, guide_name="conftest:constant_guide", ppo_epochs=1)
+    assert metrics[1]["rlgf/guide_rollin_share"] == 1.0
+    rollout = seen["calls"][-1]
+    policy = rollout["response_mask"] & ~rollout["by_guide"]
+    assert rollout["by_guide"].any() and (rollout["response"][rollout["by_guide"]] == GUIDE_TOKEN).all()
+    pg_masks = seen["loss_masks"][-4::2]  # the last iteration: 2 minibatch steps, each (policy loss, MLE)
+    rows = {tuple(r) for r in policy.tolist()}
+    assert all({tuple(r) for r in m.tolist()} <= rows for m in pg_masks) and sum(int(m.sum()) for m in pg_masks) == int(policy.sum())
+
+
+def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, monkeypatch):
+    """A reward of 0 for some prompts and 1 for the others: with --guide-when-all-fail 0.5 and beta = 1, after a first
+    unguided pass exactly the rows of the all-0 groups are sampled again, every one with a guide rollin."""
+    import tasks
+
+    scored = []
+
+    def reward(prompts, generations):
+        scores = torch.tensor([0.0 if sum(map(ord, p)) % 2 else 1.0 for p in prompts])
+        scored.append(scores)
+        return scores
+
+    monkeypatch.setattr(tasks, "load_reward", lambda *args: reward)
+    seen = record(monkeypatch)
+    _, metrics = run("grpo_pp", tiny, tmp_path, num_iterations=3, beta=1.0, guide_when_all_fail=0.5, rollouts_per_iteration=16,
+                     eval_every=0, eval_size=4)
+    firsts = [i for i, c in enumerate(seen["calls"]) if len(c["query"]) == 16]
+    first_scores = [s for s in scored if len(s) == 16][::2]  # per iteration: the first pass, then the final batch
+    assert len(firsts) == len(first_scores) == 3
+    guided = 0
+    for i, scores in zip(firsts, first_scores):
+        assert (seen["calls"][i]["rollin_by"] == -1).all()  # the first pass: every sample pi_theta's own
+        failing = (scores.view(-1, 4) < 0.5).all(1).repeat_interleave(4).nonzero().squeeze(1)
+        if len(failing):
+            again = seen["calls"][i + 1]
+            assert torch.equal(again["query"], seen["calls"][i]["query"][failing]) and (again["rollin_by"] == 1).all()
+        else:
+            assert i + 1 == len(seen["calls"]) or len(seen["calls"][i + 1]["query"]) == 16
+        guided += len(failing)
+    assert 0 < guided < 48  # some groups failed, some did not
+    assert sum(m["rlgf/guide_rollin_share"] for m in metrics[1:]) * 16 == guided
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_pp"])
+def test_end_to_end_and_resume(tiny, tmp_path, monkeypatch, name):
+    """Each script logs finite numbers that move, writes a from_pretrained checkpoint, and a run stopped right after
+    its iteration-1 checkpoint resumes to the uninterrupted run's numbers and weights (linear schedule; grpo_pp with
+    an annealed guide share)."""
+    import runs
+    from conftest import script, tiny_args
+
+    flags = dict(num_iterations=3, save_every=1, lr_schedule="linear", beta=0.5, beta_schedule="linear")
+    straight_dir, straight = run(name, tiny, tmp_path / "straight", **flags)
+    assert [m["iteration"] for m in straight] == [0, 1, 2, 3]
+    assert all(v is None or v == v for m in straight for v in m.values() if not isinstance(v, str))
+    assert straight[1]["grad_norm"] > 0 and straight[-1]["train/kl"] != 0 and "train/group_reward_std" in straight[1]
+    if name == "grpo_pp":
+        assert "eval/guide_reward" in straight[0] and "rlgf/guide_rollin_share" in straight[1]
+    save = runs.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(name, tiny, tmp_path / "stopped", **flags)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
+    module = script(name)
+    module.main(tiny_args(module, tiny, tmp_path / "stopped", resume=run_dir, **flags))
+    resumed = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    drop = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(r) for r in resumed] == [drop(r) for r in straight]
+    a, b = (load_file(os.path.join(d, "checkpoint", "model.safetensors")) for d in (straight_dir, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
