@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import tasks  # noqa: E402
 
-ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
+ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp"]
 METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]
 
 
@@ -37,6 +37,8 @@ class Args:
     """the task (its preset in tasks/ supplies everything not set here)"""
     output: str = "results/rotten-tomatoes"
     """where the table, results.json, the plot and the runs go"""
+    algorithms: tuple[str, ...] = ("ppo", "ppo_pp", "aggrevated", "lols", "d2lols")
+    """the scripts to compare (any of ppo, ppo_pp, aggrevated, lols, d2lols, grpo, grpo_pp)"""
     seeds: int = 3
     """seeds per algorithm (1..seeds)"""
     num_iterations: int = 30
@@ -97,7 +99,7 @@ def main(args, extra):
 
     # 1. SFT on the positive reviews (its before/after evaluations are the zero-shot and SFT rows)
     sft_parent = os.path.join(runs, "sft")
-    reused = [name for name in ["sft", *[f"{a}_{s}" for a in ALGORITHMS for s in range(1, args.seeds + 1)]]
+    reused = [name for name in ["sft", *[f"{a}_{s}" for a in args.algorithms for s in range(1, args.seeds + 1)]]
               if os.path.isdir(os.path.join(runs, name)) and any(os.scandir(os.path.join(runs, name)))]
     if not os.path.isdir(sft_parent):
         os.makedirs(sft_parent)
@@ -107,7 +109,7 @@ def main(args, extra):
 
     # 2. Every algorithm from the SFT checkpoint, the SFT model as guide (the default --guide-name), same budget
     jobs = []
-    for algorithm in ALGORITHMS:
+    for algorithm in args.algorithms:
         for seed in range(1, args.seeds + 1):
             parent = os.path.join(runs, f"{algorithm}_{seed}")
             flags = [*common_flags, "--model-name", checkpoint, "--seed", str(seed), "--output-dir", parent,
@@ -132,9 +134,11 @@ def main(args, extra):
                "commit": commit(), "reused_runs": reused, "rollouts_per_iteration": rollouts, "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
     results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
     results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
-    guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if algorithm == "ppo_pp"]
-    results["rows"]["guide (SFT + nucleus)"] = {k: [g[k.replace("eval/", "eval/guide_")] for g in guide] for k, _ in METRICS}
-    for algorithm in ALGORITHMS:
+    guided = [a for a in args.algorithms if a not in ("ppo", "grpo")]  # their iteration 0 evaluates the guide too
+    guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if guided and algorithm == guided[0]]
+    if guide:
+        results["rows"]["guide (SFT + nucleus)"] = {k: [g[k.replace("eval/", "eval/guide_")] for g in guide] for k, _ in METRICS}
+    for algorithm in args.algorithms:
         per_seed = [rows(the_run(parent)) for a, _, parent, _ in jobs if a == algorithm]
         results["rows"][algorithm] = {k: [r[-1][k] for r in per_seed] for k, _ in METRICS}
         results["curves"][algorithm] = [[(r["episodes"], r["eval/reward"], r.get("eval/kl")) for r in run_rows if "eval/reward" in r] for run_rows in per_seed]
@@ -169,7 +173,7 @@ def markdown(results, args):
             mean, std = mean_std(values[key])
             cells.append(f"{mean:.3f} ± {std:.3f}" if len(values[key]) > 1 else f"{mean:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    total = 1 + len(ALGORITHMS) * args.seeds
+    total = 1 + len(results["args"]["algorithms"]) * args.seeds
     reused = f" ({len(results['reused_runs'])} of its {total} runs reused from an earlier invocation)" if results["reused_runs"] else ""
     lines += ["", f"Command: `{results['command']}`", f"Commit: {results['commit']}{reused}", f"Machine: {results['machine']}",
               f"Wall time: {results['wall_time_s']} s", ""]
@@ -195,9 +199,9 @@ def plot(results, path):
         ax.fill_between(episodes, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
         points = [(point[2], point[1]) for run in runs for point in run if len(point) > 2 and point[2] is not None]
         kl_ax.scatter([k for k, _ in points], [r for _, r in points], s=12, color=line.get_color(), label=algorithm)
-    guide = statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"])
     for a in (ax, kl_ax):
-        a.axhline(guide, color="gray", linestyle="--", label="guide (SFT + nucleus)")
+        if "guide (SFT + nucleus)" in results["rows"]:
+            a.axhline(statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"]), color="gray", linestyle="--", label="guide (SFT + nucleus)")
         a.set_ylabel(f"{results['args']['eval_split']} reward")
     ax.set_xlabel("training episodes")
     kl_ax.set_xlabel("eval/kl: KL(pi_theta || pi_0) per response, every evaluation of every seed")
@@ -208,4 +212,8 @@ def plot(results, path):
 
 if __name__ == "__main__":
     split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    main(tyro.cli(Args, args=sys.argv[1:split]), sys.argv[split + 1 :])
+    study_args = tyro.cli(Args, args=sys.argv[1:split])
+    unknown = sorted(set(study_args.algorithms) - set(ALGORITHMS))
+    if unknown:
+        sys.exit(f"error: unknown algorithm(s) {', '.join(unknown)}; choose from: {', '.join(ALGORITHMS)}")
+    main(study_args, sys.argv[split + 1 :])

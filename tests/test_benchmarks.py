@@ -79,3 +79,14 @@ def test_memory_prints_both_variants(tiny, tmp_path):
     peaks = {line[:20].strip(): line[20:].split() for line in lines[2:]}
     assert list(peaks) == ["full fine-tuning", "LoRA r 4"]
     assert all(0.05 < float(rss) < 64 and gpu == "-" for rss, gpu in peaks.values())
+
+
+def test_study_compares_the_chosen_algorithms(tiny, tmp_path):
+    argv = ["--task", "imdb", "--output", str(tmp_path / "out"), "--algorithms", "grpo", "grpo_pp", "--seeds", "1", "--num-iterations", "1",
+            "--eval-every", "1", "--eval-size", "4", "--sft-epochs", "0.25", "--", *tiny_flags(tiny)[2:]]  # imdb's 28 episodes: 7 groups of 4
+    done = subprocess.run([sys.executable, "benchmark/study.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.load(open(tmp_path / "out" / "results.json"))
+    assert list(results["rows"]) == ["zero-shot", "SFT", "guide (SFT + nucleus)", "grpo", "grpo_pp"]
+    bad = subprocess.run([sys.executable, "benchmark/study.py", "--algorithms", "ppo", "sac"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown algorithm(s) sac" in bad.stderr

@@ -44,6 +44,8 @@ def cli(*argv, env=None, timeout=300):
     (["aggrevated.py", "--vf-clip-range", "-1"], "--vf-clip-range must be > 0"),
     (["lols.py", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
     (["ppo.py", "--top-k", "-5"], "--top-k must be >= 0"),
+    (["grpo.py", "--group-size", "3"], "--group-size must be >= 2 and divide --rollouts-per-iteration"),
+    (["grpo_pp.py", "--beta-schedule", "cosine"], "unknown beta schedule 'cosine'; choose one of: constant, linear"),
     (["d2lols.py", "--alpha", "13"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12] (beyond it D2LOLS never switches"),
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path):
@@ -77,7 +79,7 @@ def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, conte
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "sft"])
+@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft"])
 def test_help_lists_every_task_and_where_presets_live(name, capsys):
     """--help offers the four tasks as the choices of --task and says that flags at None take the task's preset in tasks/."""
     import tyro

@@ -95,7 +95,7 @@ def digest(path):
 SCRIPTS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", [*SCRIPTS, "grpo", "grpo_pp"])
 def test_a_non_finite_reward_stops_the_run_and_spares_the_checkpoint(tiny, tmp_path, monkeypatch, name):
     """One NaN reward at iteration 2: one line naming it and the iteration; the iteration-1 checkpoint stays as an
     uninterrupted 1-iteration run leaves it, nothing of iteration 2 is logged, and --resume would continue from it."""
