@@ -204,7 +204,7 @@ def plot(results, path):
             a.axhline(statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"]), color="gray", linestyle="--", label="guide (SFT + nucleus)")
         a.set_ylabel(f"{results['args']['eval_split']} reward")
     ax.set_xlabel("training episodes")
-    kl_ax.set_xlabel("eval/kl: KL(pi_theta || pi_0) per response, every evaluation of every seed")
+    kl_ax.set_xlabel("eval/kl (nats per response), every evaluation of every seed")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
