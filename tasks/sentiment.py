@@ -144,7 +144,7 @@ class BagOfWordsSentiment:
     @staticmethod
     def _bags(texts, vocab):
         """Feature indices of every text, flattened, with offsets (torch's EmbeddingBag format)."""
-        rows = [[vocab[f] for f in _features(_words(t)) if f in vocab] for t in texts]
+        rows = [[vocab[f] for f in sorted(_features(_words(t))) if f in vocab] for t in texts]  # sorted: a set's order changes with PYTHONHASHSEED
         offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
         return torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets
 

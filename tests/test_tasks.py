@@ -5,12 +5,15 @@ pycocoevalcap, the fixed idf of the reward, the offline `concepts` data)."""
 import importlib.util
 import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import torch
 
 import common
+from conftest import ROOT
 from tasks import commongen, sentiment
 
 
@@ -75,6 +78,21 @@ def _reviews(n, seed):
         rng.shuffle(words)
         out.append((" ".join(words), positive))
     return out
+
+
+def test_bag_of_words_is_the_same_in_every_process(tmp_path):
+    """Trained and scored in two processes with different string hash seeds (so sets of words iterate in different
+    orders), the reward is the same to the last bit: one seed fixes a run, across processes too."""
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r}); import common, test_tasks; "
+            "from tasks import sentiment; common.CACHE_DIR = sys.argv[1]; "
+            "labelled = {'train': test_tasks._reviews(120, 0), 'validation': test_tasks._reviews(40, 1)}; "
+            "model = sentiment.BagOfWordsSentiment(labelled); print(model.score([t for t, _ in labelled['validation']]).tolist(), model.weight.sum().item())")
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        outputs.append(done.stdout.strip().splitlines()[-1])
+    assert outputs[0] == outputs[1]
 
 
 def test_bag_of_words_learns_and_caches(tmp_path, monkeypatch):
