@@ -177,8 +177,8 @@ def test_guide_and_reference_stay_frozen(tiny, tmp_path, monkeypatch, name):
     loaded = {}
     load = common.load_lm
 
-    def record(path, device):
-        model = load(path, device)
+    def record(path, device, *dtype):
+        model = load(path, device, *dtype)
         loaded.setdefault(path, []).append(model)
         return model
 
