@@ -100,10 +100,10 @@ def tiny_args(module, tiny, tmp_path, **overrides):
                   eval_lm_name=tiny["lm"], output_dir=str(tmp_path), device="cpu", prompt_len=8, max_new_tokens=6,
                   min_new_tokens=6, num_iterations=2, rollouts_per_iteration=8, minibatch_size=4, ppo_epochs=2,
                   learning_rate=1e-3, eval_every=1, eval_size=8, save_every=0)
-    if module.__name__ == "d2lols":  # the preset's switch (imdb: 20) would be beyond a tiny run's end
-        values["alpha"] = 1
     fields = module.Args.__dataclass_fields__
     values.update(overrides)
+    if module.__name__ == "d2lols" and "alpha" not in overrides:  # the preset's switch (imdb: 20) is beyond a tiny run's end
+        values["alpha"] = min(1, values["num_iterations"])
     return module.Args(**{k: v for k, v in values.items() if k in fields})
 
 
