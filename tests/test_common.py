@@ -669,11 +669,11 @@ def test_guide_must_share_the_policy_vocabulary(tiny, tmp_path):
     assert len(common.load_tokenizer(str(tmp_path / "other"))) == len(tokenizer)
 
     with pytest.raises(common.UserError, match="vocabulary differs") as refused:
-        common.load_guide(str(tmp_path / "other"), tokenizer, {}, "cpu", 0, 1.0)
+        common.load_guide(str(tmp_path / "other"), tokenizer, {}, "cpu", torch.float32, 0, 1.0)
     assert "\n" not in str(refused.value)
-    _, model = common.load_guide(tiny["lm2"], tokenizer, {}, "cpu", 0, 1.0)
+    _, model = common.load_guide(tiny["lm2"], tokenizer, {}, "cpu", torch.float32, 0, 1.0)
     assert model is not None
-    guide, model = common.load_guide("conftest:constant_guide", tokenizer, {}, "cpu", 0, 1.0)
+    guide, model = common.load_guide("conftest:constant_guide", tokenizer, {}, "cpu", torch.float32, 0, 1.0)
     assert model is None and guide.__name__ == "constant_guide"
 
 
