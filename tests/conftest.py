@@ -117,6 +117,29 @@ def run(name, tiny, tmp_path, **overrides):
         return run_dir, [json.loads(line) for line in f]
 
 
+def stopped_then_resumed(name, tiny, tmp_path, monkeypatch, **overrides):
+    """Run the script uninterrupted; run it again, stopped by an exception right after its first checkpoint (pass
+    save_every=1), and resume that run. Returns (straight run dir, its rows, resumed run dir, its rows)."""
+    import runs
+
+    straight_dir, straight = run(name, tiny, tmp_path / "straight", **overrides)
+    save = runs.save_checkpoint
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(name, tiny, tmp_path / "stopped", **overrides)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
+    module = script(name)
+    module.main(tiny_args(module, tiny, tmp_path / "stopped", resume=run_dir, **overrides))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return straight_dir, straight, run_dir, [json.loads(line) for line in f]
+
+
 GUIDE_TOKEN = 2  # "great": the fake black-box guide below emits only this token
 
 

@@ -231,34 +231,15 @@ def test_eval_split_test_evaluates_on_the_test_prompts(tiny, tmp_path, name):
     assert prompts == [p for p, _ in data["test"][:4]] and not set(prompts) & {p for p, _ in data["validation"]}
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch, name):
     """A run that crashes right after its iteration-1 checkpoint and is resumed gives the same iterations 2-3 and the
     same final weights as an uninterrupted run, under a linear learning-rate schedule (the scheduler's state matters;
     d2lols: the switch happens across the restart)."""
-    import runs
-    from conftest import script, tiny_args
+    from conftest import stopped_then_resumed
 
     extra = {"alpha": 1, "lr_schedule": "linear", "save_every": 1} if name == "d2lols" else {"lr_schedule": "linear", "save_every": 1}
-    straight_dir, straight = run(name, tiny, tmp_path / "straight", num_iterations=3, **extra)
-    save = runs.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise Crash
-
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(name, tiny, tmp_path / "stopped", num_iterations=3, **extra)
-    monkeypatch.setattr(runs, "save_checkpoint", save)
-    (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
-    module = script(name)
-    module.main(tiny_args(module, tiny, tmp_path / "stopped", num_iterations=3, resume=run_dir, **extra))
-    resumed = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    straight_dir, straight, run_dir, resumed = stopped_then_resumed(name, tiny, tmp_path, monkeypatch, num_iterations=3, **extra)
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(straight[2:], resumed[2:]):
         assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: v for k, v in b.items() if not k.startswith("time/")}

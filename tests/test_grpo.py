@@ -108,30 +108,15 @@ def test_end_to_end_and_resume(tiny, tmp_path, monkeypatch, name):
     """Each script logs finite numbers that move, writes a from_pretrained checkpoint, and a run stopped right after
     its iteration-1 checkpoint resumes to the uninterrupted run's numbers and weights (linear schedule; grpo_pp with
     an annealed guide share)."""
-    import runs
-    from conftest import script, tiny_args
+    from conftest import stopped_then_resumed
 
     flags = dict(num_iterations=3, save_every=1, lr_schedule="linear", beta=0.5, beta_schedule="linear")
-    straight_dir, straight = run(name, tiny, tmp_path / "straight", **flags)
+    straight_dir, straight, run_dir, resumed = stopped_then_resumed(name, tiny, tmp_path, monkeypatch, **flags)
     assert [m["iteration"] for m in straight] == [0, 1, 2, 3]
     assert all(v is None or v == v for m in straight for v in m.values() if not isinstance(v, str))
     assert straight[1]["grad_norm"] > 0 and straight[-1]["train/kl"] != 0 and "train/group_reward_std" in straight[1]
     if name == "grpo_pp":
         assert "eval/guide_reward" in straight[0] and "rlgf/guide_rollin_share" in straight[1]
-    save = runs.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(name, tiny, tmp_path / "stopped", **flags)
-    monkeypatch.setattr(runs, "save_checkpoint", save)
-    (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
-    module = script(name)
-    module.main(tiny_args(module, tiny, tmp_path / "stopped", resume=run_dir, **flags))
-    resumed = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     drop = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
     assert [drop(r) for r in resumed] == [drop(r) for r in straight]
     a, b = (load_file(os.path.join(d, "checkpoint", "model.safetensors")) for d in (straight_dir, run_dir))

@@ -118,25 +118,10 @@ def test_lora_trains_adapters_on_one_copy_of_the_base(tiny, tmp_path, monkeypatc
 
 
 def test_lora_resume_continues_exactly(tiny, tmp_path, monkeypatch):
-    import runs
-    from conftest import script, tiny_args
+    from conftest import stopped_then_resumed
 
     flags = dict(num_iterations=3, lora_r=4, lora_alpha=8, save_every=1, lr_schedule="linear")
-    straight_dir, straight = run("ppo", tiny, tmp_path / "straight", **flags)
-    save = runs.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run("ppo", tiny, tmp_path / "stopped", **flags)
-    monkeypatch.setattr(runs, "save_checkpoint", save)
-    (run_dir,) = [os.path.join(tmp_path / "stopped", d) for d in os.listdir(tmp_path / "stopped")]
-    module = script("ppo")
-    module.main(tiny_args(module, tiny, tmp_path / "stopped", resume=run_dir, **flags))
-    resumed = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    straight_dir, straight, run_dir, resumed = stopped_then_resumed("ppo", tiny, tmp_path, monkeypatch, **flags)
     drop = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
     assert [drop(r) for r in resumed] == [drop(r) for r in straight]
     a, b = (load_file(os.path.join(d, "checkpoint", "adapter_model.safetensors")) for d in (straight_dir, run_dir))
