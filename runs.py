@@ -20,7 +20,7 @@ import zipfile
 import torch
 from safetensors import safe_open
 
-from common import UserError, check
+from common import UserError, broadcast, check, gather_lists, is_main, processes, total, wait_for_everyone
 
 # What --resume may change: nothing the run has learned so far depends on these. (With --lr-schedule linear, a new
 # --num-iterations stretches the rest of the schedule.)
@@ -35,6 +35,8 @@ def cli(main, args_class):
     With --resume DIR, a flag not typed takes the run's recorded value (DIR/args.json), so `--resume DIR` is enough."""
     import tyro
 
+    if not is_main():  # under accelerate launch, only the main process prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
     try:
         check_choices(args_class, sys.argv[1:])
         args = tyro.cli(args_class)
@@ -104,7 +106,7 @@ def run_dir(args):
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
         raise UserError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror})") from None
-    return os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    return broadcast(os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"))  # the main process's
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,11 +115,14 @@ def run_dir(args):
 class Logger:
     """metrics.jsonl (one JSON object per line, an iteration each), samples.jsonl, optional TensorBoard and Weights &
     Biases. A new run records its flags in args.json; a resumed one (start > 0) keeps that record and drops the rows
-    logged after its checkpoint's iteration, which the resumed run logs again."""
+    logged after its checkpoint's iteration, which the resumed run logs again. Under accelerate launch only the main
+    process writes (the rows hold figures of all processes)."""
 
     def __init__(self, path, args, start=0, tensorboard=False, track=False, project="rlgf"):
-        self.path = path
+        self.path = path if is_main() else None
         self.writer = self.wandb = None
+        if self.path is None:
+            return
         os.makedirs(path, exist_ok=True)
         if start == 0:
             with open(os.path.join(path, "args.json"), "w") as f:
@@ -140,6 +145,8 @@ class Logger:
                        config=dataclasses.asdict(args), dir=path)
 
     def log(self, row, samples=None):
+        if self.path is None:
+            return
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # stays valid JSON
         with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -182,10 +189,12 @@ def cut_log(file, start):
 
 def check_finite(iteration, **values):
     """Stop at the first non-finite reward, loss or gradient norm, before it reaches the weights, the logs or a
-    checkpoint: the last checkpoint stays as it was, and --resume continues from it."""
+    checkpoint: the last checkpoint stays as it was, and --resume continues from it. Every process counts the values
+    of all, so that all stop together."""
     for name, value in values.items():
         bad = ~torch.isfinite(torch.as_tensor(value).detach())
-        check(not bad.any(), f"iteration {iteration}: non-finite {name.replace('_', ' ')} ({int(bad.sum())} of {bad.numel()} "
+        bad, count = total(torch.stack([bad.sum(), torch.tensor(bad.numel(), device=bad.device)])).tolist()
+        check(not bad, f"iteration {iteration}: non-finite {name.replace('_', ' ')} ({bad} of {count} "
               "values); stopped before the update: nothing of this iteration was saved or logged, the last checkpoint is untouched")
 
 
@@ -196,16 +205,20 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
     """The policy as a from_pretrained directory, plus what --resume needs to continue exactly. Written into
     checkpoint.tmp, then swapped in: checkpoint -> checkpoint.old, checkpoint.tmp -> checkpoint, checkpoint.old
     removed. A crash at any point leaves a complete checkpoint that recover_checkpoint finds; leftovers of an
-    earlier crash never make a save fail."""
+    earlier crash never make a save fail. Under accelerate launch the main process writes it, with the random streams
+    of every process."""
     from common import save_checkpoint_model
 
+    streams = gather_lists([dict(torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
+                                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)])
+    if not is_main():
+        return
     final = os.path.join(path, "checkpoint")
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint_model(policy, tokenizer, tmp)
     state = dict(value_head=value_head.state_dict() if value_head is not None else None, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 iteration=iteration, torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                 iteration=iteration, streams=streams)
     torch.save(state, os.path.join(tmp, "training_state.pt.part"))
     os.replace(os.path.join(tmp, "training_state.pt.part"), os.path.join(tmp, "training_state.pt"))  # last: now complete
     shutil.rmtree(old, ignore_errors=True)
@@ -235,6 +248,13 @@ def recover_checkpoint(path):
     newest = next((d for d in (final + ".tmp", final, final + ".old") if complete(d)), None)
     check(newest is not None, f"--resume {path}: no complete checkpoint there (checkpoint/training_state.pt or "
           "model.safetensors missing or damaged); start the run again")
+    wait_for_everyone()  # under accelerate launch: every process has looked; the main one moves, the others wait
+    if is_main():
+        _keep_only(final, newest)
+    wait_for_everyone()
+
+
+def _keep_only(final, newest):
     if newest != final:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(newest, final)
@@ -251,11 +271,15 @@ def load_training_state(path, value_head, optimizer, scheduler, rng):
                         f"unpickled ({type(e).__name__})") from None
     if value_head is not None:  # (GRPO has none)
         value_head.load_state_dict(state["value_head"])
+    rank, count = processes()
+    check(len(state["streams"]) == count, f"--resume {path}: the run was made by {len(state['streams'])} process(es) and continues "
+          f"exactly only with as many (accelerate launch --num_processes {len(state['streams'])}, or python for 1)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    rng.set_state(state["restart_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    streams = state["streams"][rank]  # this process's random streams
+    torch.set_rng_state(streams["torch_rng"])
+    rng.set_state(streams["restart_rng"])
+    if streams["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(streams["cuda_rng"])
     print(f"resuming {path} after iteration {state['iteration']}")
     return state["iteration"]

@@ -80,6 +80,7 @@ class Args:
 
 def main(args):
     common.check(args.resume is None, "sft.py has no --resume")
+    common.check(common.processes()[1] == 1, "sft.py runs in one process: start it with python, not accelerate launch")
     common.check(args.num_epochs > 0 and args.batch_size >= 1, "--num-epochs and --batch-size must be positive")
     tasks.fill_from_preset(args)
     tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])

@@ -53,6 +53,9 @@ def check_common_args(args):
     if has("gradient_accumulation_steps"):
         check(args.gradient_accumulation_steps >= 1 and args.minibatch_size % args.gradient_accumulation_steps == 0,
               "--gradient-accumulation-steps must be >= 1 and divide --minibatch-size")
+        n = common.processes()[1]  # accelerate launch --num_processes n: each process takes 1/n of every minibatch
+        check(args.minibatch_size % (n * args.gradient_accumulation_steps) == 0,
+              f"--minibatch-size must be a multiple of the {n} processes x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
     for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
         if has(name):
             common.check_probability(getattr(args, name), f"--{name.replace('_', '-')}")

@@ -44,7 +44,7 @@ def cli(*argv, env=None, timeout=300):
     (["aggrevated.py", "--vf-clip-range", "-1"], "--vf-clip-range must be > 0"),
     (["lols.py", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
     (["ppo.py", "--top-k", "-5"], "--top-k must be >= 0"),
-    (["grpo.py", "--group-size", "3"], "--group-size must be >= 2 and divide --rollouts-per-iteration"),
+    (["grpo.py", "--group-size", "3"], "--group-size must be >= 2 and divide each process's share of --rollouts-per-iteration"),
     (["grpo_pp.py", "--beta-schedule", "cosine"], "unknown beta schedule 'cosine'; choose one of: constant, linear"),
     (["d2lols.py", "--alpha", "13"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12] (beyond it D2LOLS never switches"),
 ])

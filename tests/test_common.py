@@ -705,7 +705,7 @@ def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
     runs.save_checkpoint(str(tmp_path), lm, tokenizer, head, optimizer, scheduler, 3, rng)
     state_file = tmp_path / "checkpoint" / "training_state.pt"
     state = torch.load(state_file, weights_only=True)
-    assert state["iteration"] == 3 and torch.equal(state["restart_rng"], rng.get_state())
+    assert state["iteration"] == 3 and len(state["streams"]) == 1 and torch.equal(state["streams"][0]["restart_rng"], rng.get_state())
 
     head2 = common.value_head(lm, 2, "cpu")
     optimizer2 = torch.optim.AdamW(head2.parameters(), lr=1e-3)
