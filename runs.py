@@ -24,7 +24,7 @@ from common import UserError, broadcast, check, gather_lists, is_main, processes
 
 # What --resume may change: nothing the run has learned so far depends on these. (With --lr-schedule linear, a new
 # --num-iterations stretches the rest of the schedule.)
-RESUMABLE = ("resume", "num_iterations", "eval_every", "save_every", "device", "output_dir", "tensorboard", "track")
+RESUMABLE = ("resume", "num_iterations", "eval_every", "save_every", "device", "output_dir", "tensorboard", "track", "guide_api_base")
 
 
 # ---------------------------------------------------------------------------------------------------------------

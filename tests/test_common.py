@@ -650,31 +650,20 @@ def test_forward_logprobs_are_differentiable(lm):
 # ---------------------------------------------------------------------------------------------------------------
 # load_guide
 # ---------------------------------------------------------------------------------------------------------------
-def test_guide_must_share_the_policy_vocabulary(tiny, tmp_path):
-    """The guide continues the policy's token ids: a model with the policy's vocabulary (lm2) is accepted, a black box
-    too; a model whose tokenizer numbers the same words differently (another model family) is refused in one line."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+def test_load_guide_picks_the_token_or_the_text_path(tiny, tmp_path):
+    """A model with the policy's vocabulary (lm2) continues token ids and comes with its model; a black-box
+    `module:function` comes alone; a model whose tokenizer numbers the words otherwise continues text (guides.py)."""
+    from test_guides import other_tokenizer_lm
 
     tokenizer = common.load_tokenizer(tiny["lm"])
-    vocab = tokenizer.get_vocab()
-    words = sorted(vocab, key=vocab.get)
-    shuffled = {w: i for i, w in enumerate(words[:2] + words[2:][::-1])}  # the same words, other ids
-    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(shuffled, unk_token="[UNK]")),
-                                    eos_token="<|endoftext|>", unk_token="[UNK]", pad_token="<|endoftext|>")
-    other._tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    config = GPT2Config(vocab_size=len(shuffled), n_positions=32, n_embd=8, n_layer=1, n_head=1, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "other")
-    other.save_pretrained(tmp_path / "other")
-    assert len(common.load_tokenizer(str(tmp_path / "other"))) == len(tokenizer)
-
-    with pytest.raises(common.UserError, match="vocabulary differs") as refused:
-        common.load_guide(str(tmp_path / "other"), tokenizer, {}, "cpu", torch.float32, 0, 1.0)
-    assert "\n" not in str(refused.value)
-    _, model = common.load_guide(tiny["lm2"], tokenizer, {}, "cpu", torch.float32, 0, 1.0)
-    assert model is not None
+    guide, model = common.load_guide(tiny["lm2"], tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    assert model is not None and not hasattr(guide, "seam")
     guide, model = common.load_guide("conftest:constant_guide", tokenizer, {}, "cpu", torch.float32, 0, 1.0)
     assert model is None and guide.__name__ == "constant_guide"
+    guide, model = common.load_guide(other_tokenizer_lm(tiny, tmp_path / "other"), tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    assert model is None and hasattr(guide, "seam")
+    with pytest.raises(common.UserError, match="needs --guide-api-base"):
+        common.load_guide("openai:some-model", tokenizer, {}, "cpu", torch.float32, 0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
