@@ -71,14 +71,15 @@ def test_grpo_pp_gives_the_guides_tokens_no_loss(tiny, tmp_path, monkeypatch):
 
 
 def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, monkeypatch):
-    """A reward of 0 for some prompts and 1 for the others: with --guide-when-all-fail 0.5 and beta = 1, after a first
-    unguided pass exactly the rows of the all-0 groups are sampled again, every one with a guide rollin."""
+    """A reward of 0 for some prompts, and 0 or 1 by generation for the others: with --guide-when-all-fail 0.5 and
+    beta = 1, after a first unguided pass exactly the rows of the groups that ALL scored 0 are sampled again (not those
+    with some 0s), every one with a guide rollin."""
     import tasks
 
     scored = []
 
     def reward(prompts, generations):
-        scores = torch.tensor([0.0 if sum(map(ord, p)) % 2 else 1.0 for p in prompts])
+        scores = torch.tensor([0.0 if sum(map(ord, p)) % 2 else float(sum(map(ord, g)) % 3 != 0) for p, g in zip(prompts, generations)])
         scored.append(scores)
         return scores
 
@@ -89,8 +90,9 @@ def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, m
     firsts = [i for i, c in enumerate(seen["calls"]) if len(c["query"]) == 16]
     first_scores = [s for s in scored if len(s) == 16][::2]  # per iteration: the first pass, then the final batch
     assert len(firsts) == len(first_scores) == 3
-    guided = 0
+    guided = mixed = 0
     for i, scores in zip(firsts, first_scores):
+        mixed += ((scores.view(-1, 4) < 0.5).any(1) & ~(scores.view(-1, 4) < 0.5).all(1)).sum().item()
         assert (seen["calls"][i]["rollin_by"] == -1).all()  # the first pass: every sample pi_theta's own
         failing = (scores.view(-1, 4) < 0.5).all(1).repeat_interleave(4).nonzero().squeeze(1)
         if len(failing):
@@ -99,8 +101,17 @@ def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, m
         else:
             assert i + 1 == len(seen["calls"]) or len(seen["calls"][i + 1]["query"]) == 16
         guided += len(failing)
-    assert 0 < guided < 48  # some groups failed, some did not
+    assert 0 < guided < 48 and mixed > 0  # some groups failed, some did not, some failed in part
     assert sum(m["rlgf/guide_rollin_share"] for m in metrics[1:]) * 16 == guided
+
+
+def test_beta_schedule_linear_anneals_the_guide_share(tiny, tmp_path):
+    """--beta-schedule linear with beta = 1 over 4 iterations: the guide rolls in for every sample of the first
+    iteration (beta 1), then for fewer (0.75, 0.5, 0.25 per sample), never for all again."""
+    _, metrics = run("grpo_pp", tiny, tmp_path, num_iterations=4, beta=1.0, beta_schedule="linear", rollouts_per_iteration=16,
+                     minibatch_size=16, ppo_epochs=1, eval_every=0, eval_size=4)
+    shares = [m["rlgf/guide_rollin_share"] for m in metrics[1:]]
+    assert shares[0] == 1.0 and all(s < 1.0 for s in shares[1:]) and shares[3] < 0.75, shares
 
 
 @pytest.mark.parametrize("name", ["grpo", "grpo_pp"])
