@@ -699,7 +699,8 @@ def device_of(name):
     """--device; under accelerate launch, the device accelerate gives this process (--device auto or its type)."""
     if processes()[1] > 1:
         device = _state().device
-        check(name in ("auto", device.type), f"--device {name}: accelerate launch gives this process {device}; pass --cpu to accelerate launch for CPU")
+        check(name in ("auto", device.type), f"--device {name}: under accelerate launch each process runs on the device accelerate gives it ({device}); "
+              "leave --device at auto")
         return device
     return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -55,10 +55,7 @@ def text_guide(complete, tokenizer):
 
 def local_completer(model, guide_tokenizer, top_k, top_p):
     """A local LM with its own tokenizer as a text continuer: its tokenizer reads the state, it samples, its
-    tokenizer writes the continuation."""
-    guide_tokenizer.padding_side = "left"
-    if guide_tokenizer.pad_token is None:
-        guide_tokenizer.pad_token = guide_tokenizer.eos_token
+    tokenizer writes the continuation. guide_tokenizer: as common.load_tokenizer returns it (left padding, a pad token)."""
 
     def complete(texts, max_tokens):
         enc = guide_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

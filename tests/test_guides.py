@@ -15,8 +15,8 @@ import torch
 import common
 import guides
 from conftest import run
+from test_cli import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def states(tokenizer, prompts, prefixes):
@@ -187,11 +187,10 @@ def test_served_guide_drives_a_run(name, tiny, tmp_path, server, monkeypatch):
 def test_served_guide_errors_are_one_line(tiny, tmp_path, server):
     """An endpoint nobody listens on, and a server that refuses the request (a model it does not serve): one line,
     exit status 2, no traceback."""
-    base = ["ppo_pp.py", "--task", "imdb", "--dataset-name", tiny["imdb"], "--model-name", tiny["lm"], "--reward-model-name",
+    flags = ["ppo_pp.py", "--task", "imdb", "--dataset-name", tiny["imdb"], "--model-name", tiny["lm"], "--reward-model-name",
             tiny["classifier"], "--eval-lm-name", tiny["lm"], "--output-dir", str(tmp_path), "--eval-size", "4"]
     for guide, api_base, expected in ((f"openai:{tiny['lm']}", f"http://127.0.0.1:{free_port()}/v1", "cannot reach the guide's server"),
                                       ("openai:no-such-model", server, "the server refused the request")):
-        out = subprocess.run([sys.executable, *base, "--guide-name", guide, "--guide-api-base", api_base], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+        out, _ = cli(*flags, "--guide-name", guide, "--guide-api-base", api_base)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip().splitlines()[-1].startswith("error: --guide-api-base") and expected in out.stderr, out.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""Data parallel training under `accelerate launch --num_processes 2 --cpu` (2 gloo processes): the update equals the
+"""Data parallel training under `accelerate launch --multi_gpu --num_processes 2` on a machine without a GPU (2 gloo
+processes on the CPU; accelerate's own --cpu flag would start one process): the update equals the
 one-process update of the same global batch, every script runs, resume continues exactly, only the main process
 writes. The processes are launched by tests/parallel.py."""
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+from test_cli import cli
+
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no", "--multi_gpu"]  # on a machine without a GPU: gloo processes on the CPU
 
@@ -97,5 +100,5 @@ def test_resume_with_two_processes_continues_exactly(tiny, tmp_path):
     launch(2, "ppo_pp", tiny, tmp_path / "stopped", resume=stopped, **flags)
     timeless = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rs]  # noqa: E731
     assert timeless(rows(stopped)) == timeless(rows(straight))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_pp.py"), "--resume", stopped], cwd=ROOT, capture_output=True, text=True)
+    out, _ = cli("ppo_pp.py", "--resume", stopped)
     assert out.returncode == 2 and "made by 2 process(es)" in out.stderr and "Traceback" not in out.stderr
