@@ -102,3 +102,16 @@ def test_resume_with_two_processes_continues_exactly(tiny, tmp_path):
     assert timeless(rows(stopped)) == timeless(rows(straight))
     out, _ = cli("ppo_pp.py", "--resume", stopped)
     assert out.returncode == 2 and "made by 2 process(es)" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_minibatch_the_processes_cannot_share_is_one_line(tmp_path):
+    """--minibatch-size 4 with --gradient-accumulation-steps 4 cannot be split among 2 processes: one line in each
+    process, before any model loads, no traceback through this project's code (the launcher adds its own report of
+    the failed processes), and the launch fails."""
+    out = subprocess.run([*LAUNCH, "--num_processes", "2", "ppo.py", "--minibatch-size", "4", "--gradient-accumulation-steps", "4",
+                          "--output-dir", str(tmp_path)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    ours = [line for line in out.stderr.splitlines() if line.strip().startswith(f'File "{ROOT}')]
+    assert out.returncode != 0 and not ours, out.stderr[-2000:]
+    assert errors == ["error: --minibatch-size must be a multiple of the 2 processes x --gradient-accumulation-steps 4"] * 2, errors
