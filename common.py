@@ -656,20 +656,27 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
     """Reward of the generations, perplexity of the references under `model` (skipped when None: a black-box guide),
     output perplexity of the generations under the fixed eval LM, KL of `model` from the `reference` pi_0 along its
     own generations (eval/kl, when both are given), and a few samples. Sampling runs under its own seed and leaves the
-    training random stream untouched. Each process evaluates its share of the pairs; the figures are of them all."""
+    training random stream untouched. Each process evaluates its share of the pairs; the figures are of them all.
+    Best-of-N (--eval-best-of N > 1): N samples per prompt, and the reward keeps the one it scores highest."""
     rank, count = processes()
     pairs = pairs[rank * len(pairs) // count : (rank + 1) * len(pairs) // count]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    texts, kl = [], []
+    texts, kl, best_of = [], [], getattr(args, "eval_best_of", 1)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             q, qm = tokenize_prompts(tokenizer, prompts[i : i + batch_size], args.prompt_len, args.truncation_side, device)
+            q, qm = q.repeat_interleave(best_of, 0), qm.repeat_interleave(best_of, 0)  # N copies of each prompt, side by side
             n = len(q)
             tokens, lengths = generate(q, qm, q.new_zeros((n, 0)), qm.new_zeros((n, 0)), torch.full((n,), args.max_new_tokens, device=device),
                                        torch.full((n,), args.min_new_tokens, device=device))
             mask = torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]
-            texts += decode_responses(tokenizer, tokens, mask)
+            batch_texts = decode_responses(tokenizer, tokens, mask)
+            if best_of > 1:
+                scores = reward_fn([p for p in prompts[i : i + batch_size] for _ in range(best_of)], batch_texts).view(-1, best_of)
+                best = (scores.argmax(1) + torch.arange(len(scores)) * best_of).tolist()
+                q, qm, tokens, mask, batch_texts, n = q[best], qm[best], tokens[best], mask[best], [batch_texts[j] for j in best], len(best)
+            texts += batch_texts
             if model is not None and reference is not None:
                 kl += kl_from_reference(model, reference, q, qm, tokens, mask).tolist() if model is not reference else [0.0] * n
     rewards = reward_fn(prompts, texts)

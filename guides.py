@@ -73,8 +73,9 @@ def local_completer(model, guide_tokenizer, top_k, top_p):
     return complete
 
 
-def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3):
-    """A model behind an OpenAI-compatible /v1/completions endpoint (raw prompt in, text out). One request per state,
+def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3, temperature=1.0, chat=False, where="--guide-api-base", role="guide"):
+    """A model behind an OpenAI-compatible /v1/completions endpoint (raw prompt in, text out; chat: /v1/chat/completions,
+    the prompt as one user message, the judge of tasks/summarize.py). One request per state,
     `workers` at a time; the client retries with backoff and times out; the key comes from $OPENAI_API_KEY (never
     from a flag, so never in args.json or the logs). Each request carries a seed drawn from torch's random stream
     (a server that honours seeds then repeats a run)."""
@@ -86,7 +87,11 @@ def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3
     client = openai.OpenAI(base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY", "none"), timeout=timeout, max_retries=retries)
 
     def one(text, max_tokens, seed):
-        choice = client.completions.create(model=model, prompt=text, max_tokens=max_tokens, temperature=1.0, top_p=top_p, seed=seed).choices[0]
+        if chat:
+            choice = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
+                                                    temperature=temperature, top_p=top_p, seed=seed).choices[0]
+            return choice.message.content or "", choice.finish_reason == "stop"
+        choice = client.completions.create(model=model, prompt=text, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed).choices[0]
         return choice.text, choice.finish_reason == "stop"
 
     def complete(texts, max_tokens):
@@ -95,8 +100,8 @@ def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 return list(pool.map(one, texts, max_tokens, seeds))
         except openai.APIConnectionError as e:
-            raise UserError(f"--guide-api-base {api_base}: cannot reach the guide's server ({e.__class__.__name__}: {e})") from None
+            raise UserError(f"{where} {api_base}: cannot reach the {role}'s server ({e.__class__.__name__}: {e})") from None
         except openai.APIStatusError as e:
-            raise UserError(f"--guide-api-base {api_base}: the server refused the request (HTTP {e.status_code}: {e.message})") from None
+            raise UserError(f"{where} {api_base}: the server refused the request (HTTP {e.status_code}: {e.message})") from None
 
     return complete

@@ -17,12 +17,12 @@ from common import GUIDE, NO_ROLLIN, POLICY
 
 @dataclass
 class Args:
-    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py); a flag you pass always wins."""
+    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py, tasks/summarize.py); a flag you pass always wins."""
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     task: tasks.Name = "rotten-tomatoes"
-    """rotten-tomatoes (the default) and concepts run offline; imdb and commongen (the paper's) need the hub or local copies"""
+    """rotten-tomatoes (the default) and concepts run offline; imdb, commongen and tldr (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
     device: str = "auto"
@@ -43,14 +43,14 @@ class Args:
     """hub name or local directory of the dataset"""
     model_name: Optional[str] = None
     """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
-    lora_r: int = 0
-    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
-    lora_alpha: float = 16.0
+    lora_r: Optional[int] = None
+    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning (the preset of every task but tldr's 8)"""
+    lora_alpha: Optional[float] = None
     """LoRA scale alpha (the update is alpha / r x BA)"""
-    lora_dropout: float = 0.0
+    lora_dropout: Optional[float] = None
     """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
     reward_model_name: Optional[str] = None
-    """the sentiment classifier giving the task reward: hub name, local directory or bow-logreg"""
+    """the task reward: a classifier (hub name, local directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
     eval_lm_name: Optional[str] = None
     """the fixed general LM that measures output perplexity"""
     prompt_len: Optional[int] = None
@@ -67,6 +67,12 @@ class Args:
     """nucleus mass of pi_theta's sampling (1: off)"""
     eval_num_beams: Optional[int] = None
     """beam search width of the evaluation (1: sample as in training)"""
+    eval_best_of: int = 1
+    """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
+    eval_judge: Optional[str] = None
+    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
+    eval_judge_prompt: Optional[str] = None
+    """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
     guide_name: Optional[str] = None
     """the guide pi_g, frozen: a model (default: --model-name, the SFT model), openai:MODEL (a served model) or a black-box `module:function`"""
     guide_api_base: Optional[str] = None

@@ -1,6 +1,7 @@
-"""The paper's tasks, one module per family: sentiment.py (rotten-tomatoes, imdb) and commongen.py (commongen,
-concepts); TL;DR would be a third. What the scripts call: fill_from_preset (a flag left at None takes its task's value; a flag passed wins),
-require_assets (the offline checks), load_data and load_reward."""
+"""The paper's tasks, one module per family: sentiment.py (rotten-tomatoes, imdb), commongen.py (commongen, concepts)
+and summarize.py (tldr). What the scripts call: fill_from_preset (a flag left at None takes its task's value; a flag
+passed wins), require_assets (the offline checks), load_data and load_reward; reward_model.py calls
+load_preference_pairs and reward_baseline."""
 
 import dataclasses
 import os
@@ -13,17 +14,19 @@ import transformers
 
 import common
 from common import UserError, check
-from tasks import commongen, sentiment
+from tasks import commongen, sentiment, summarize
 
 # ---------------------------------------------------------------------------------------------------------------
 # Task presets (algorithms.md, "Hyperparameters"): the values every task shares, then each family's own.
 # ---------------------------------------------------------------------------------------------------------------
-# What every task shares (the paper's Tables 4-6 agree on these; TL;DR's gamma 1.0 would be the first exception).
+# What every task shares unless its preset says otherwise (the paper's Tables 4-6 agree on these but for TL;DR's gamma,
+# betas and LoRA; full fine-tuning is the IMDB and CommonGen setup).
 PAPER_SHARED = dict(top_p=1.0, guide_top_p=0.92, gamma=0.99, gae_lambda=0.95, clip_range=0.2, vf_clip_range=0.2, mle_coef=0.1,
-                    max_grad_norm=1.0, beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, vf_learning_rate=1e-3)
+                    max_grad_norm=1.0, beta_ppo_pp=0.2, beta_aggrevated=0.2, lols_alpha=0.8, vf_learning_rate=1e-3,
+                    lora_r=0, lora_alpha=16.0, lora_dropout=0.0)
 
-TASKS = {name: dict(**PAPER_SHARED, **preset) for name, preset in {**sentiment.PRESETS, **commongen.PRESETS}.items()}
-Name = Literal["rotten-tomatoes", "imdb", "commongen", "concepts"]  # the choices of --task: the keys of TASKS
+TASKS = {name: {**PAPER_SHARED, **preset} for name, preset in {**sentiment.PRESETS, **commongen.PRESETS, **summarize.PRESETS}.items()}
+Name = Literal["rotten-tomatoes", "imdb", "commongen", "concepts", "tldr"]  # the choices of --task: the keys of TASKS
 
 
 def fill_from_preset(args, **renamed):
@@ -44,7 +47,7 @@ def check_common_args(args):
     for name in ("num_iterations", "eval_every", "save_every", "top_k", "kl_coef", "vf_coef", "mle_coef"):
         if has(name):
             check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams"):
+    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams", "eval_best_of"):
         if has(name):
             check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
@@ -67,6 +70,8 @@ def check_common_args(args):
     if has("lr_schedule"):
         check(args.lr_schedule in ("constant", "linear"), "--lr-schedule must be 'constant' or 'linear'")
     check(args.truncation_side in ("left", "right"), "--truncation-side must be 'left' or 'right'")
+    check(getattr(args, "eval_best_of", 1) == 1 or args.eval_num_beams == 1, "--eval-best-of needs sampled evaluations (--eval-num-beams 1)")
+    check(getattr(args, "eval_judge", None) is None or args.task == "tldr", "--eval-judge: the judged win rate is a tldr metric (--task tldr)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,6 +118,9 @@ def require_assets(args, flags):
             f"Pass local copies with those flags (directories as save_pretrained writes them; a dataset directory "
             f"with train/test files), or run the offline default task: python {os.path.basename(sys.argv[0])} --task rotten-tomatoes"
         )
+    if "reward_model_name" in flags:
+        check(args.reward_model_name, f"--task {args.task} needs --reward-model-name: the directory reward_model.py writes "
+              f"(python reward_model.py --task {args.task}, then its run's checkpoint/)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,6 +136,8 @@ def load_data(args, tokenizer):
         data, reward_data = commongen.load_concepts(tokenizer)
     elif args.task == "commongen":
         data, reward_data = commongen.load_commongen(args.dataset_name, tokenizer)
+    elif args.task == "tldr":
+        data, reward_data = summarize.load_tldr(args.dataset_name, tokenizer)
     else:
         data, reward_data = sentiment.load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
     check(data[args.eval_split], f"--eval-split {args.eval_split}: {args.dataset_name} has no pairs there (commongen's test split has no references)")
@@ -135,8 +145,37 @@ def load_data(args, tokenizer):
 
 
 def load_reward(args, data, reward_data, device):
+    dtype = common.dtype_of(getattr(args, "dtype", "auto"), device)
+    if args.task == "tldr":
+        judge = summarize.load_judge(args.eval_judge, args.eval_judge_prompt, device, dtype, args.seed) if getattr(args, "eval_judge", None) else None
+        return summarize.SummaryReward(_learned_reward(args.reward_model_name, device, dtype), reward_data["references"], judge)
     if args.reward_model_name == "bow-logreg":
         return sentiment.BagOfWordsSentiment(reward_data)
     if args.reward_model_name == "cider-d":
         return commongen.ConceptsReward(reward_data, [p for p, _ in data["train"]])
-    return sentiment.ClassifierSentiment(args.reward_model_name, device, common.dtype_of(getattr(args, "dtype", "auto"), device))
+    if os.path.isfile(os.path.join(args.reward_model_name, "reward_model.json")):  # reward_model.py's checkpoint
+        return _learned_reward(args.reward_model_name, device, dtype)
+    return sentiment.ClassifierSentiment(args.reward_model_name, device, dtype)
+
+
+def _learned_reward(name, device, dtype):
+    import reward_model
+
+    check(os.path.isfile(os.path.join(name, "reward_model.json")), f"--reward-model-name {name}: not a reward_model.py checkpoint (no reward_model.json)")
+    return reward_model.LearnedReward(name, device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs for reward_model.py: {"train" | "heldout": [(chosen text, rejected text), ...]}
+# ---------------------------------------------------------------------------------------------------------------
+def load_preference_pairs(task, dataset_name):
+    if task == "rotten-tomatoes":  # fresh vs rotten snippets of one film; held out: the validation films
+        pairs = sentiment.preference_pairs()
+        return {"train": pairs["train"], "heldout": pairs["validation"]}
+    pairs = summarize.load_comparisons(dataset_name)
+    return {"train": pairs["train"], "heldout": pairs["test"]}
+
+
+def reward_baseline(task, heldout):
+    """What the task's own reward does on the same held-out pairs (rotten-tomatoes: bow-logreg), or None."""
+    return sentiment.bag_of_words_on_pairs(heldout) if task == "rotten-tomatoes" else None

@@ -203,3 +203,24 @@ class ClassifierSentiment:
             logits = self.model(**enc.to(self.device)).logits.float()
             probs.append(logits.softmax(-1)[:, self.positive].cpu())
         return torch.cat(probs)
+
+
+def preference_pairs():
+    """Preference pairs for reward_model.py from the shipped snippets: chosen = a fresh snippet, rejected = a rotten
+    snippet of the same film (the i-th fresh with the i-th rotten, in file order), split by film as the task is. The
+    texts have no prompt: the reward model reads whole snippets, as it reads prompt + generation in RL."""
+    by_film = {}
+    for row in rotten_tomatoes_rows():
+        by_film.setdefault(row["movie_name"], {"fresh": [], "rotten": []})[row["category"]].append(" ".join(row["text"].split()))
+    pairs = {"train": [], "validation": [], "test": []}
+    for film, texts in by_film.items():
+        pairs[movie_split(film)] += list(zip(texts["fresh"], texts["rotten"]))
+    return pairs
+
+
+def bag_of_words_on_pairs(pairs):
+    """The bag-of-words reward (bow-logreg) on the same held-out pairs: its pair accuracy, and its validation AUC."""
+    _, labelled = load_rotten_tomatoes()
+    bow = BagOfWordsSentiment(labelled)
+    chosen, rejected = bow.score([c for c, _ in pairs]), bow.score([r for _, r in pairs])
+    return {"pair_accuracy": round((chosen > rejected).float().mean().item(), 4), "validation_auc": bow.validation["auc"]}

@@ -43,7 +43,8 @@ def _tokenizer():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny assets: lm (causal LM dir), lm2 (another causal LM, a different guide), classifier, imdb,
-    t5 (an encoder-decoder) and common_gen (a CommonGen-format dataset directory)."""
+    t5 (an encoder-decoder), common_gen (a CommonGen-format dataset directory), tldr and comparisons (TL;DR-format
+    summaries and preference pairs)."""
     from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
                               T5Config, T5ForConditionalGeneration)
 
@@ -85,6 +86,19 @@ def tiny(tmp_path_factory):
                 for k in range(2):  # two reference sentences per concept set, like CommonGen
                     f.write(json.dumps({"concept_set_idx": i, "concepts": concepts, "target": f"the film {' and '.join(concepts)} {NEUTRAL[k]}"}) + "\n")
     paths["common_gen"] = str(root / "common_gen")
+    (root / "tldr").mkdir()  # CarperAI/openai_summarize_tldr's format: a post ending in "TL;DR:", its summary
+    for split, n in (("train", 32), ("valid", 16), ("test", 8)):
+        with open(root / "tldr" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"prompt": f"POST: {_review(rng, i % 2 == 0)} TL;DR:", "label": " ".join(_review(rng, i % 2 == 0).split()[:5])}) + "\n")
+    paths["tldr"] = str(root / "tldr")
+    (root / "comparisons").mkdir()  # CarperAI/openai_summarize_comparisons' format: the chosen summary is the positive one
+    for split, n in (("train", 64), ("test", 32)):
+        with open(root / "comparisons" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                good, bad = (" ".join(w for w in _review(rng, positive).split() if w in POSITIVE + NEGATIVE) for positive in (True, False))
+                f.write(json.dumps({"prompt": f"POST: {_review(rng, i % 2 == 0)}", "chosen": f"TL;DR: {good}", "rejected": f"TL;DR: {bad}"}) + "\n")
+    paths["comparisons"] = str(root / "comparisons")
     return paths
 
 

@@ -22,8 +22,8 @@ def cli(*argv, env=None, timeout=300):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["ppo.py", "--task", "nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
-    (["sft.py", "--task=nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts"),
+    (["ppo.py", "--task", "nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr"),
+    (["sft.py", "--task=nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr"),
     (["lols.py", "--eval-split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
     (["d2lols.py", "--eval_split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
     (["ppo_pp.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
@@ -81,15 +81,15 @@ def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, conte
 
 @pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft"])
 def test_help_lists_every_task_and_where_presets_live(name, capsys):
-    """--help offers the four tasks as the choices of --task and says that flags at None take the task's preset in tasks/."""
+    """--help offers the five tasks as the choices of --task and says that flags at None take the task's preset in tasks/."""
     import tyro
     from conftest import script
 
     with pytest.raises(SystemExit):
         tyro.cli(script(name).Args, args=["--help"])
     text = "".join(c for c in capsys.readouterr().out if not c.isspace() and c != "\u2502")  # no wrapping, no box edges
-    assert "--task{rotten-tomatoes,imdb,commongen,concepts}" in text
-    assert "FlagsatNonetakethetask'spreset(tasks/sentiment.py,tasks/commongen.py)" in text
+    assert "--task{rotten-tomatoes,imdb,commongen,concepts,tldr}" in text
+    assert "FlagsatNonetakethetask'spreset(tasks/sentiment.py,tasks/commongen.py,tasks/summarize.py)" in text
 
 
 def test_imdb_offline_fails_fast_and_clearly():
