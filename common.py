@@ -389,6 +389,16 @@ def _keep_rows(inputs, cache, keep):
     return {k: (v[keep] if torch.is_tensor(v) else type(v)(last_hidden_state=v.last_hidden_state[keep])) for k, v in inputs.items()}
 
 
+def _choose(logits, too_short, top_k, top_p, greedy, eos_id):
+    """The next token of each row from its logits [n, V]: no EOS where the row is still too short, then greedy or a
+    draw from the top-k / nucleus filtered distribution (one multinomial call over the n rows)."""
+    if eos_id is not None:
+        logits[:, eos_id] = torch.where(too_short, float("-inf"), logits[:, eos_id])
+    if greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1).squeeze(1)
+
+
 @torch.no_grad()
 def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0):
     """Continue (prompt, response prefix) states: ONE prefill forward pass over the whole state, then one token per step
@@ -405,12 +415,7 @@ def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_
         keep = (max_new > 0).nonzero().squeeze(1)
         rows, logits, inputs = rows[keep], logits[keep], _keep_rows(inputs, cache, keep)
     for t in range(steps):
-        if eos_id is not None:
-            logits[:, eos_id] = torch.where(t < min_new[rows], float("-inf"), logits[:, eos_id])
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            token = torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1).squeeze(1)
+        token = _choose(logits, t < min_new[rows], top_k, top_p, greedy, eos_id)
         tokens[rows, t] = token
         lengths[rows] += 1
         going = (t + 1 < max_new[rows]) & ((token != eos_id) if eos_id is not None else True)
@@ -422,6 +427,63 @@ def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_
         inputs = _next_inputs(model, inputs, token)
         out = model(**inputs, past_key_values=cache, use_cache=True)
         logits, cache = out.logits[:, -1].float(), out.past_key_values
+    return tokens, lengths
+
+
+# Fast decoding (--fast-decoding, causal LMs on CUDA): on a GPU a decoding step is mostly kernel-launch overhead, so
+# the loop runs over transformers' StaticCache, sized to state + budget, and a one-token step compiled with
+# torch.compile(mode="reduce-overhead") (replayed as a CUDA graph). Rows that finish stay in the static batch, fed a pad
+# and ignored: nothing is reshaped in the loop. The tokens are chosen exactly as `sample` chooses them (the same
+# _choose over the rows still going, so the same random numbers give the same tokens: tests/test_common.py checks it
+# on the CPU with compile off).
+FAST_DECODING = False  # set from --fast-decoding by tasks.fill_from_preset
+
+
+def _decode_step(model, compiled):
+    def step(input_ids, attention_mask, position_ids, cache_position, cache):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position,
+                     past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+    if not compiled:
+        return step
+    if getattr(model, "_compiled_decode_step", None) is None:
+        model._compiled_decode_step = torch.compile(step, mode="reduce-overhead")
+    return model._compiled_decode_step
+
+
+@torch.no_grad()
+def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0,
+                  compiled=False):
+    """`sample` for a causal LM over a static KV cache (see FAST_DECODING): the same arguments, the same result."""
+    import transformers
+
+    batch, steps, device = query.shape[0], int(max_new.max()) if len(max_new) else 0, query.device
+    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    inputs = _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id)
+    width = inputs["input_ids"].shape[1]
+    cache = transformers.StaticCache(config=model.config, max_cache_len=width + steps)
+    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_zeros((batch, steps))], 1)  # grows in place
+    logits = model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device)).logits[:, -1].float()
+    position, cache_position = inputs["position_ids"][:, -1:].clone(), torch.full((1,), width, device=device)
+    step = _decode_step(model, compiled)
+    going = max_new > 0
+    for t in range(steps):
+        rows = going.nonzero().squeeze(1)
+        if len(rows) == 0:
+            break
+        token = _choose(logits[rows], t < min_new[rows], top_k, top_p, greedy, eos_id)
+        tokens[rows, t] = token
+        lengths[rows] += 1
+        going[rows] = (t + 1 < max_new[rows]) & ((token != eos_id) if eos_id is not None else True)
+        if not going.any():
+            break
+        mask[:, width + t] = 1
+        position += 1
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's logits were cloned: its buffers may be reused
+        logits = step(tokens[:, t : t + 1], mask, position, cache_position, cache).clone()  # a finished row feeds its pad
+        cache_position += 1  # read by transformers versions that index the cache by it (newer ones count for themselves)
     return tokens, lengths
 
 
@@ -444,6 +506,9 @@ def sampler(model, tokenizer, top_k, top_p, greedy=False, num_beams=1):
         if num_beams > 1:
             check(prefix.shape[1] == 0, "beam search cannot restart from a response prefix")
             return beam_search(model, query, query_mask, max_new, min_new, num_beams, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        if FAST_DECODING and query.is_cuda and not model.config.is_encoder_decoder:
+            return sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k, top_p, greedy,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, compiled=True)
         return sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k, top_p, greedy,
                       tokenizer.eos_token_id, tokenizer.pad_token_id)
 

@@ -29,6 +29,8 @@ class Args:
     """cuda if available, else cpu; or any torch device"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
+    fast_decoding: bool = False
+    """CUDA, causal LMs: sampling over a static KV cache with a compiled one-token step (not yet measured on a GPU: off by default)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{task}__{exp_name}__{seed}__{time}"""
     resume: Optional[str] = None

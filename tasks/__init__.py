@@ -38,6 +38,7 @@ def fill_from_preset(args, **renamed):
         if getattr(args, field.name) is None and key in preset:
             setattr(args, field.name, preset[key])
     check_common_args(args)
+    common.FAST_DECODING = getattr(args, "fast_decoding", False)
     return args
 
 

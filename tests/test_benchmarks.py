@@ -90,3 +90,21 @@ def test_study_compares_the_chosen_algorithms(tiny, tmp_path):
     assert list(results["rows"]) == ["zero-shot", "SFT", "guide (SFT + nucleus)", "grpo", "grpo_pp"]
     bad = subprocess.run([sys.executable, "benchmark/study.py", "--algorithms", "ppo", "sac"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown algorithm(s) sac" in bad.stderr
+
+
+def test_profile_times_every_phase(tiny, tmp_path):
+    """benchmark/profile_phases.py: a table and JSON of the second iteration's phases; PPO has no rollin, AggreVaTeD rolls
+    in with pi_theta on every sample, and the phases add up to the iteration."""
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "profile_phases.py"), "--shapes", "smollm2", "--scripts", "ppo", "aggrevated",
+                           "--eval-size", "8", "--json-out", str(out), "--", *tiny_flags(tiny), "--rollouts-per-iteration", "8", "--minibatch-size", "4"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rollin" in done.stdout and "decode tok/s" in done.stdout and "aggrevated" in done.stdout
+    results = json.load(open(out))
+    ppo, aggrevated = results["smollm2/ppo"], results["smollm2/aggrevated"]
+    assert ppo["rollin"] == 0 and ppo["rollout"] > 0 and aggrevated["rollin"] > 0 and aggrevated["rollout"] > 0
+    for r in (ppo, aggrevated):
+        assert all(r[p] > 0 for p in ("reward", "old_ref_forward", "update", "evaluation")) and r["peak_memory_gib"] > 0
+        assert r["rollin"] + r["rollout"] + r["reward"] + r["old_ref_forward"] + r["update"] == pytest.approx(r["iteration"])
+        assert r["decode_tokens_per_s"] > 0

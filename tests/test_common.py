@@ -283,6 +283,41 @@ def test_sample_kv_cache_matches_full_recompute(lm):
     assert tokens[1].tolist() == seq[len(prompt):]
 
 
+def _tiny_llama():
+    """SmolLM2's architecture (Llama: rotary positions, grouped-query attention) at a tiny size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_static_cache_decoding_draws_the_same_tokens(lm, arch):
+    """The fast path's loop (a static KV cache, finished rows kept in the batch; compile off on the CPU) draws token
+    for token what `sample` draws from the same random numbers: left-padded prompts, a restart prefix of varying
+    length, per-sample budgets (one 0), minimum lengths, EOS, top-k / nucleus sampling and greedy."""
+    model = lm if arch == "gpt2" else _tiny_llama()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    query, query_mask, _, _ = _ids([torch.randint(2, vocab, (n,), generator=g).tolist() for n in (3, 7, 5, 6, 2, 7)])
+    prefix, prefix_mask = common._left_pad([torch.randint(2, vocab, (n,), generator=g) for n in (0, 2, 4, 1, 3, 0)], 0, "cpu")
+    max_new, min_new = _budget(12, 5, 12, 1, 0, 9), _budget(3, 0, 12, 1, 0, 0)
+    early = 0
+    for seed in range(6):
+        for kwargs in (dict(top_k=5, top_p=0.9), dict(top_k=0, top_p=1.0), dict(greedy=True)):
+            torch.manual_seed(seed)
+            plain = common.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
+            after_plain = torch.rand(1)
+            torch.manual_seed(seed)
+            static = common.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
+            assert torch.equal(plain[0], static[0]) and torch.equal(plain[1], static[1]), (seed, kwargs)
+            assert torch.equal(torch.rand(1), after_plain)  # the same random numbers consumed
+            early += int((plain[1] < max_new).sum())
+    assert early > 0  # some rows did end with EOS before their budget
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate_with_restarts, with deterministic fake samplers
 # ---------------------------------------------------------------------------------------------------------------
