@@ -455,8 +455,6 @@ def _decode_step(model, compiled):
 def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0,
                   compiled=False):
     """`sample` for a causal LM over a static KV cache (see FAST_DECODING): the same arguments, the same result."""
-    import transformers
-
     batch, steps, device = query.shape[0], int(max_new.max()) if len(max_new) else 0, query.device
     tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -726,7 +724,7 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
     rank, count = processes()
     pairs = pairs[rank * len(pairs) // count : (rank + 1) * len(pairs) // count]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    texts, kl, best_of = [], [], getattr(args, "eval_best_of", 1)
+    texts, kl, best, best_of = [], [], [], getattr(args, "eval_best_of", 1)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
@@ -739,12 +737,13 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
             batch_texts = decode_responses(tokenizer, tokens, mask)
             if best_of > 1:
                 scores = reward_fn([p for p in prompts[i : i + batch_size] for _ in range(best_of)], batch_texts).view(-1, best_of)
-                best = (scores.argmax(1) + torch.arange(len(scores)) * best_of).tolist()
-                q, qm, tokens, mask, batch_texts, n = q[best], qm[best], tokens[best], mask[best], [batch_texts[j] for j in best], len(best)
+                best += scores.max(1).values.tolist()  # the kept samples' rewards: no second scoring below
+                keep = (scores.argmax(1) + torch.arange(len(scores)) * best_of).tolist()
+                q, qm, tokens, mask, batch_texts, n = q[keep], qm[keep], tokens[keep], mask[keep], [batch_texts[j] for j in keep], len(keep)
             texts += batch_texts
             if model is not None and reference is not None:
                 kl += kl_from_reference(model, reference, q, qm, tokens, mask).tolist() if model is not reference else [0.0] * n
-    rewards = reward_fn(prompts, texts)
+    rewards = reward_fn(prompts, texts) if best_of == 1 else torch.tensor(best)
     perplexities = {"eval/perplexity": perplexity(model, tokenizer, prompts, references, args, device)} if model is not None else {}
     perplexities["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)
     if count > 1:  # every process's share, in order

@@ -46,9 +46,9 @@ def load_tldr(dataset_name, tokenizer):
     check("train" in ds and validation in ds, f"dataset {dataset_name} needs 'train' and 'valid' splits (prompt, label)")
     data, references = {}, {}
     for split, name in (("train", "train"), ("validation", validation), ("test", "test")):
-        rows = zip(ds[name]["prompt"], ds[name]["label"]) if name in ds else []
-        data[split] = [(prompt, " " + label.strip() + tokenizer.eos_token) for prompt, label in rows if label.strip()]
-        references.update({prompt: label.strip() for prompt, label in (zip(ds[name]["prompt"], ds[name]["label"]) if name in ds else [])})
+        rows = [(prompt, label.strip()) for prompt, label in zip(ds[name]["prompt"], ds[name]["label"]) if label.strip()] if name in ds else []
+        data[split] = [(prompt, " " + label + tokenizer.eos_token) for prompt, label in rows]
+        references.update(rows)
     return data, {"references": references}
 
 

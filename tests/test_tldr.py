@@ -42,12 +42,13 @@ def test_bradley_terry_loss_and_pair_accuracy():
 
 
 def test_the_reward_reads_the_last_real_token_whatever_the_padding(tiny):
+    import common
     import reward_model
 
     assert reward_model.last_real_index(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [3, 2, 0]
     torch.manual_seed(0)
     model = reward_model.RewardModel(reward_model.load_trunk(tiny["lm"])).eval()
-    tokenizer = __import__("common").load_tokenizer(tiny["lm"])
+    tokenizer = common.load_tokenizer(tiny["lm"])
     texts = ["great fun", "the film was dull and the plot a mess", "superb", "boring tedious film with the actors"]
     scores = {}
     for side in ("left", "right"):
@@ -109,22 +110,19 @@ def test_a_lora_reward_model_saves_its_adapter_and_loads_merged(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"])
-def test_tldr_runs_every_algorithm_with_the_presets_lora(tiny, tmp_path, reward_dir, name):
+def test_tldr_runs_every_algorithm_with_the_presets_lora(tiny, tmp_path, reward_dir, name, monkeypatch):
     """--task tldr end to end on local files: the preset's LoRA (r 8), gamma 1.0, the learned reward, ROUGE."""
-    seen = {}
-    common = __import__("common")
-    lora = common.lora
+    import common
+
+    seen, lora = {}, common.lora
 
     def lora_spy(model, args):
         seen["lora"] = (args.lora_r, args.lora_alpha, args.gamma, args.kl_coef, args.vf_coef)
         return lora(model, args)
 
-    common.lora = lora_spy
-    try:
-        run_dir, rows = run(name, tiny, tmp_path, task="tldr", dataset_name=tiny["tldr"], reward_model_name=reward_dir[0], num_iterations=1,
-                            min_new_tokens=0, prompt_len=24, truncation_side=None, eval_size=6, **({"alpha": 1} if name == "d2lols" else {}))
-    finally:
-        common.lora = lora
+    monkeypatch.setattr(common, "lora", lora_spy)
+    run_dir, rows = run(name, tiny, tmp_path, task="tldr", dataset_name=tiny["tldr"], reward_model_name=reward_dir[0], num_iterations=1,
+                        min_new_tokens=0, prompt_len=24, truncation_side=None, eval_size=6, **({"alpha": 1} if name == "d2lols" else {}))
     assert seen["lora"] == (8, 64.0, 1.0, 0.002, 0.2)
     assert os.path.isfile(os.path.join(run_dir, "checkpoint", "adapter_model.safetensors"))
     for key in ("eval/reward", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/perplexity", "eval/output_perplexity"):
@@ -187,7 +185,7 @@ def test_best_of_n_keeps_the_rewards_argmax(tiny):
     tokenizer = common.load_tokenizer(tiny["lm"])
     eval_lm = common.frozen(common.load_lm(tiny["lm"], torch.device("cpu")))
     words = POSITIVE + NEGATIVE
-    drawn = []
+    drawn, calls = [], []
 
     def generate(query, query_mask, prefix, prefix_mask, max_new, min_new):
         ids = torch.tensor([tokenizer.convert_tokens_to_ids("\u2581" + w) for w in words])
@@ -199,6 +197,7 @@ def test_best_of_n_keeps_the_rewards_argmax(tiny):
         return sum(w in POSITIVE for w in text.split()) + sum(map(ord, text)) % 997 / 1000
 
     def reward(prompts, generations):
+        calls.append(len(generations))
         return torch.tensor([value(g) for g in generations], dtype=torch.float64)
 
     args = types.SimpleNamespace(prompt_len=8, truncation_side="left", max_new_tokens=5, min_new_tokens=5, eval_best_of=4)
@@ -208,6 +207,7 @@ def test_best_of_n_keeps_the_rewards_argmax(tiny):
     assert len(candidates) == 4 * len(pairs)
     kept = [max(candidates[4 * i : 4 * i + 4], key=value) for i in range(len(pairs))]  # prompt i's four, side by side
     assert [s["generation"] for s in samples] == kept[:4]
+    assert calls == [16, 8]  # each candidate scored once; the kept ones are not scored again
     assert metrics["eval/reward"] == pytest.approx(sum(map(value, kept)) / len(pairs))
     args.eval_best_of = 1
     drawn.clear()
