@@ -431,11 +431,13 @@ def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_
 
 
 # Fast decoding (--fast-decoding, causal LMs on CUDA): on a GPU a decoding step is mostly kernel-launch overhead, so
-# the loop runs over transformers' StaticCache, sized to state + budget, and a one-token step compiled with
-# torch.compile(mode="reduce-overhead") (replayed as a CUDA graph). Rows that finish stay in the static batch, fed a pad
-# and ignored: nothing is reshaped in the loop. The tokens are chosen exactly as `sample` chooses them (the same
-# _choose over the rows still going, so the same random numbers give the same tokens: tests/test_common.py checks it
-# on the CPU with compile off).
+# the loop runs over transformers' StaticCache and a one-token step compiled with torch.compile(mode="reduce-overhead")
+# (replayed as a CUDA graph). Rows that finish stay in the static batch, fed a pad and ignored: nothing is reshaped in
+# the loop. A graph is recorded for one set of shapes and tensor addresses, so the shapes come in a few sizes (the batch
+# padded to a power of two >= 8, the cache length rounded up to a multiple of 64) and each size's cache is kept on the
+# model and reset for the next call: the step compiles about twice per model (static, then dynamic shapes) and records
+# a graph once per size. The tokens are chosen exactly as `sample` chooses them (the same _choose over the real rows
+# still going, so the same random numbers give the same tokens: tests/test_common.py checks it on the CPU).
 FAST_DECODING = False  # set from --fast-decoding by tasks.fill_from_preset
 
 
@@ -451,21 +453,39 @@ def _decode_step(model, compiled):
     return model._compiled_decode_step
 
 
+def _static_cache(model, batch, length):
+    """The model's StaticCache for (batch, length), made once and reset (zeroed, its write position back to 0) on reuse."""
+    caches = getattr(model, "_static_caches", None)
+    if caches is None:
+        caches = model._static_caches = {}
+    if (batch, length) not in caches:
+        caches[batch, length] = transformers.StaticCache(config=model.config, max_cache_len=length)
+    else:
+        caches[batch, length].reset()
+    return caches[batch, length]
+
+
 @torch.no_grad()
 def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0,
                   compiled=False):
     """`sample` for a causal LM over a static KV cache (see FAST_DECODING): the same arguments, the same result."""
     batch, steps, device = query.shape[0], int(max_new.max()) if len(max_new) else 0, query.device
-    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
     inputs = _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id)
     width = inputs["input_ids"].shape[1]
-    cache = transformers.StaticCache(config=model.config, max_cache_len=width + steps)
-    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_zeros((batch, steps))], 1)  # grows in place
+    size, length = max(8, 1 << (batch - 1).bit_length()), -(-(width + steps) // 64) * 64  # the static shapes
+    fill = torch.zeros(size, dtype=torch.long, device=device)
+    fill[:batch] = torch.arange(batch, device=device)
+    inputs = {k: v[fill] for k, v in inputs.items()}  # rows beyond the batch copy row 0 and are never chosen from
+    tokens = torch.full((size, steps), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(size, dtype=torch.long, device=device)
+    going = torch.zeros(size, dtype=torch.bool, device=device)
+    going[:batch] = max_new > 0
+    max_new, min_new = max_new[fill], min_new[fill]
+    cache = _static_cache(model, size, length)
+    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_zeros((size, length - width))], 1)  # grows in place
     logits = model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device)).logits[:, -1].float()
     position, cache_position = inputs["position_ids"][:, -1:].clone(), torch.full((1,), width, device=device)
     step = _decode_step(model, compiled)
-    going = max_new > 0
     for t in range(steps):
         rows = going.nonzero().squeeze(1)
         if len(rows) == 0:
@@ -480,9 +500,9 @@ def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_ne
         position += 1
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous replay's logits were cloned: its buffers may be reused
-        logits = step(tokens[:, t : t + 1], mask, position, cache_position, cache).clone()  # a finished row feeds its pad
-        cache_position += 1  # read by transformers versions that index the cache by it (newer ones count for themselves)
-    return tokens, lengths
+        logits = step(tokens[:, t : t + 1].contiguous(), mask, position, cache_position, cache).clone()  # a finished row feeds its pad
+        cache_position += 1  # read by transformers versions that index the cache by it (5.17 and later count for themselves)
+    return tokens[:batch], lengths[:batch]
 
 
 @torch.no_grad()

@@ -11,9 +11,9 @@ Shapes:
              tokenizer ships offline). Random weights: the time of an iteration does not depend on what the model knows.
   smollm2    the offline default task as it is (SmolLM2-135M, rotten-tomatoes).
 
-Phases of the second iteration (the first is warm-up): rollin decode, rollout decode (PPO's whole generation is a
+Phases of the median iteration of 2..N (the first is warm-up; `--iterations N`; so the phases add up): rollin decode, rollout decode (PPO's whole generation is a
 rollout), reward, the old/reference forward passes, the update (the rest of the iteration: losses, backward, optimizer),
-and the evaluation after it. Decoding tokens per second count every token the samplers returned. Peak memory: CUDA's
+and the evaluation after the last one. Decoding tokens per second count every token the samplers returned. Peak memory: CUDA's
 max allocated, or the process's peak RSS on a CPU. Each run is its own process; times are synchronized on CUDA."""
 
 import json
@@ -37,8 +37,11 @@ class Args:
     """the scripts to profile; the first is the baseline of the ratio column"""
     shapes: List[str] = field(default_factory=lambda: ["gpt2-imdb", "smollm2"])
     """gpt2-imdb and/or smollm2"""
+    iterations: int = 2
+    """training iterations per run: the first is warm-up, the figures are those of the median of the others (more on
+    a GPU, where a new batch or cache size can still compile in the second)"""
     eval_size: int = 32
-    """prompts of the evaluation timed after the second iteration"""
+    """prompts of the evaluation timed after the last iteration"""
     json_out: str = ""
     """also write the figures here (JSON)"""
 
@@ -141,7 +144,9 @@ def child(script, argv):
     module = __import__(script)
     runs.cli(module.main, module.Args)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print("PROFILE " + json.dumps({**rows[-1], "peak_memory_gib": peak}))
+    timed = sorted(rows[1:], key=lambda r: r["iteration"])
+    summary = timed[(len(timed) - 1) // 2] | {"evaluation": rows[-1]["evaluation"]}  # the median iteration: its phases add up
+    print("PROFILE " + json.dumps({**summary, "peak_memory_gib": peak, "timed_iterations": len(rows) - 1}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,13 +187,13 @@ def gpt2_imdb_assets():
 
 
 def shape_flags(shape, script, args):
-    flags = ["--num-iterations", "2", "--eval-every", "2", "--save-every", "0", "--eval-size", str(args.eval_size)]
+    flags = ["--num-iterations", str(args.iterations), "--eval-every", str(args.iterations), "--save-every", "0", "--eval-size", str(args.eval_size)]
     if shape == "gpt2-imdb":
         p = gpt2_imdb_assets()
         flags += ["--task", "imdb", "--dataset-name", p["imdb-format"], "--model-name", p["gpt2-small-random"],
                   "--reward-model-name", p["distilbert-random"], "--eval-lm-name", p["gpt2-small-random"]]
     if script == "d2lols":
-        flags += ["--alpha", "1"]  # an AggreVaTeD iteration, then PPO++ ones: the second iteration is timed as PPO++
+        flags += ["--alpha", "1"]  # an AggreVaTeD iteration, then PPO++ ones: the timed iterations are PPO++'s
     return flags
 
 
@@ -205,7 +210,8 @@ def main(args, extra):
             results[(shape, script)] = json.loads(lines[-1][len("PROFILE ") :])
     for shape in args.shapes:
         base = results[(shape, args.scripts[0])]["iteration"]
-        print(f"\n{shape}: seconds of the second iteration by phase" + (f" (flags: {' '.join(extra)})" if extra else ""))
+        timed = results[(shape, args.scripts[0])]["timed_iterations"]
+        print(f"\n{shape}: seconds by phase of the median of {timed} iterations after the first" + (f" (flags: {' '.join(extra)})" if extra else ""))
         print(f"{'script':<11}" + "".join(f"{p:>16}" for p in PHASES) + f"{'iteration':>11}{'ratio':>7}{'decode tok/s':>14}{'peak GiB':>10}")
         for script in args.scripts:
             r = results[(shape, script)]

@@ -93,11 +93,11 @@ def test_study_compares_the_chosen_algorithms(tiny, tmp_path):
 
 
 def test_profile_times_every_phase(tiny, tmp_path):
-    """benchmark/profile_phases.py: a table and JSON of the second iteration's phases; PPO has no rollin, AggreVaTeD rolls
-    in with pi_theta on every sample, and the phases add up to the iteration."""
+    """benchmark/profile_phases.py: a table and JSON of the median timed iteration's phases; PPO has no rollin, AggreVaTeD
+    rolls in with pi_theta on every sample, and the phases add up to the iteration."""
     out = tmp_path / "profile.json"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "profile_phases.py"), "--shapes", "smollm2", "--scripts", "ppo", "aggrevated",
-                           "--eval-size", "8", "--json-out", str(out), "--", *tiny_flags(tiny), "--rollouts-per-iteration", "8", "--minibatch-size", "4"],
+                           "--iterations", "3", "--eval-size", "8", "--json-out", str(out), "--", *tiny_flags(tiny), "--rollouts-per-iteration", "8", "--minibatch-size", "4"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rollin" in done.stdout and "decode tok/s" in done.stdout and "aggrevated" in done.stdout
@@ -107,4 +107,16 @@ def test_profile_times_every_phase(tiny, tmp_path):
     for r in (ppo, aggrevated):
         assert all(r[p] > 0 for p in ("reward", "old_ref_forward", "update", "evaluation")) and r["peak_memory_gib"] > 0
         assert r["rollin"] + r["rollout"] + r["reward"] + r["old_ref_forward"] + r["update"] == pytest.approx(r["iteration"])
-        assert r["decode_tokens_per_s"] > 0
+        assert r["decode_tokens_per_s"] > 0 and r["timed_iterations"] == 2
+
+
+def test_decoding_compares_three_ways():
+    """benchmark/decoding.py: generate, the plain loop and the static-cache loop on the same states, ratios to generate."""
+    done = subprocess.run([sys.executable, "benchmark/decoding.py", "--layers", "1", "--batch", "4", "--prompt-len", "8", "--prefix-len", "3",
+                           "--new-tokens", "4", "--warmup", "1", "--repeats", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()[-3:]
+    assert [line.split("  ")[0] for line in lines] == ["generate (dynamic cache)", "common.sample", "common.sample_static"]
+    ms, ratios = [float(line.split()[-3]) for line in lines], [float(line.split()[-1].rstrip("x")) for line in lines]
+    assert ratios[0] == 1.0 and all(m > 0 for m in ms)
+    assert ratios[2] == pytest.approx(ms[0] / ms[2], rel=0.02, abs=0.01)

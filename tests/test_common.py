@@ -318,6 +318,43 @@ def test_static_cache_decoding_draws_the_same_tokens(lm, arch):
     assert early > 0  # some rows did end with EOS before their budget
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compiled_static_decoding_traces_once_per_shape(lm, arch, monkeypatch):
+    """The compiled step as the GPU runs it, traced by dynamo into ONE graph (fullgraph: no break would split the CUDA
+    graph) and run eagerly on the CPU: it draws the same tokens as `sample`, and calls of other batch sizes and state
+    widths reuse the graphs of their padded shapes. Without the padding and the kept caches, every call below with a
+    new batch size or cache length would compile again."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: compile_(fn, backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    model = lm if arch == "gpt2" else _tiny_llama()
+    model._compiled_decode_step = model._static_caches = None
+    vocab, g = model.config.vocab_size, torch.Generator().manual_seed(1)
+    counts = []
+    for batch, prefix_len, budget in ((3, 0, 9), (6, 4, 7), (5, 2, 9), (12, 3, 8), (9, 0, 9), (16, 30, 40), (7, 1, 9), (14, 2, 5)):
+        query, query_mask, _, _ = _ids([torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (batch,), generator=g)])
+        prefix, prefix_mask = common._left_pad([torch.randint(2, vocab, (int(n),), generator=g) for n in torch.randint(0, prefix_len + 1, (batch,), generator=g)], 0, "cpu")
+        max_new, min_new = torch.randint(1, budget + 1, (batch,), generator=g), torch.zeros(batch, dtype=torch.long)
+        torch.manual_seed(batch)
+        plain = common.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0)
+        torch.manual_seed(batch)
+        fast = common.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0, compiled=True)
+        assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1]), batch
+        counts.append(len(graphs))
+        if batch == 3:
+            first = model._static_caches[8, 64].layers[0].keys
+    assert sorted(model._static_caches) == [(8, 64), (16, 64), (16, 128)]  # batch -> power of two >= 8, length -> multiple of 64
+    assert model._static_caches[8, 64].layers[0].keys is first  # one cache per shape, reset and reused: a CUDA graph replays over it
+    assert counts[0] == 1 and counts[1] == counts[2] == 1  # the first shape compiles once, and calls of its shape reuse it
+    assert counts[-1] == counts[-3] <= 3  # at most a static, then a dynamic graph (batch, then length); seen shapes reuse them
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate_with_restarts, with deterministic fake samplers
 # ---------------------------------------------------------------------------------------------------------------
