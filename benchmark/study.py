@@ -57,9 +57,9 @@ class Args:
     eval_every: int = 5
     """evaluation interval (iterations)"""
     eval_size: int = 200
-    """prompts per evaluation"""
+    """prompts per evaluation during training (the curves; the table's rows: --final-eval-size)"""
     eval_split: Literal["validation", "test"] = "validation"
-    """the split sft.py and every run evaluate on: validation while tuning, test for a final report"""
+    """the split sft.py, every run and the final evaluation use: validation while tuning, test for a final report"""
     d2lols_alpha_share: float = 0.2
     """D2LOLS switches after this share of the iterations (the paper: 20 of 100)"""
     sft_epochs: float = 1.0
