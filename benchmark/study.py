@@ -3,16 +3,25 @@ the SFT model (nucleus sampling) as the guide, several seeds, identical budgets;
 
     python benchmark/study.py                                   # offline default task, 3 seeds
     python benchmark/study.py --parallel 15 --num-iterations 30 # on a GPU, all runs at once
-    python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py and every RL run
+    python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py, every RL run and final_eval.py
     python benchmark/study.py --eval-split test ...             # the final report: evaluate on the test split
 
-Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (reward against episodes and against
-eval/kl; needs matplotlib, optional). Runs already in {output}/runs are reused, and the table says which."""
+Every row of the table is a final evaluation (benchmark/final_eval.py), the same for all: the first --final-eval-size
+prompts of --eval-split (0: all of them) sampled under --final-eval-seed, eval/kl from the SFT checkpoint. A run's
+final evaluation follows its training in the same worker (--parallel), then its checkpoint is deleted (model and
+optimizer state: 25+ of them would fill a disk) unless --keep-checkpoints; the SFT checkpoint stays. Beside mean +- std
+over seeds, each algorithm's difference from PPO paired by seed, with a 95% interval (Student t).
+
+Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (the runs' evaluations during training:
+reward against episodes and against eval/kl; needs matplotlib, optional). Runs and final evaluations already in
+{output}/runs are reused, and the table says which runs."""
 
 import json
+import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,9 +57,9 @@ class Args:
     eval_every: int = 5
     """evaluation interval (iterations)"""
     eval_size: int = 200
-    """prompts per evaluation"""
+    """prompts per evaluation during training (the curves; the table's rows: --final-eval-size)"""
     eval_split: Literal["validation", "test"] = "validation"
-    """the split sft.py and every run evaluate on: validation while tuning, test for a final report"""
+    """the split sft.py, every run and the final evaluation use: validation while tuning, test for a final report"""
     d2lols_alpha_share: float = 0.2
     """D2LOLS switches after this share of the iterations (the paper: 20 of 100)"""
     sft_epochs: float = 1.0
@@ -59,6 +68,12 @@ class Args:
     """runs at once (a GPU fits many small runs)"""
     runs_dir: str = ""
     """where the runs and their checkpoints go (default: {output}/runs; not meant for git)"""
+    final_eval_size: int = 0
+    """the final evaluation of every row: the first this many prompts of --eval-split (0: the whole split)"""
+    final_eval_seed: int = 0
+    """the sampling seed of the final evaluation, the same for every row"""
+    keep_checkpoints: bool = False
+    """keep each RL run's checkpoint after its final evaluation (default: deleted; the SFT checkpoint always stays)"""
 
 
 def run(argv, log):
@@ -89,6 +104,33 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def t_quantile(df, p=0.975):
+    """The p-quantile of Student's t with df degrees of freedom (p = 0.975: the two-sided 95% critical value; df 1:
+    12.706, df 4: 2.776, df 30: 2.042, -> 1.960 as df grows). Bisection on the CDF, 1/2 + the integral of the density
+    from 0 to t by Simpson's rule."""
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = lambda x: scale * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+
+    def cdf(t, steps=1000):
+        h = t / steps
+        return 0.5 + h / 3 * sum((1 if i in (0, steps) else 4 if i % 2 else 2) * density(i * h) for i in range(steps + 1))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        low, high = high, 2 * high
+    for _ in range(50):
+        low, high = ((low + high) / 2, high) if cdf((low + high) / 2) < p else (low, (low + high) / 2)
+    return (low + high) / 2
+
+
+def paired_difference(values, baseline):
+    """values[s] - baseline[s] for each seed s, their mean and its 95% interval: mean +- t(n-1) x std / sqrt(n)."""
+    diffs = [v - b for v, b in zip(values, baseline)]
+    mean, std = mean_std(diffs)
+    half = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return {"per_seed": diffs, "mean": mean, "low": mean - half, "high": mean + half}
+
+
 def main(args, extra):
     start = time.time()
     out = os.path.abspath(args.output)
@@ -97,15 +139,15 @@ def main(args, extra):
     rollouts = args.rollouts_per_iteration or tasks.TASKS[args.task]["rollouts_per_iteration"]
     common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), "--eval-split", args.eval_split, *extra]
 
-    # 1. SFT on the positive reviews (its before/after evaluations are the zero-shot and SFT rows)
+    # 1. SFT on the positive reviews
     sft_parent = os.path.join(runs, "sft")
     reused = [name for name in ["sft", *[f"{a}_{s}" for a in args.algorithms for s in range(1, args.seeds + 1)]]
               if os.path.isdir(os.path.join(runs, name)) and any(os.scandir(os.path.join(runs, name)))]
     if not os.path.isdir(sft_parent):
         os.makedirs(sft_parent)
         run(["sft.py", *common_flags, "--num-epochs", str(args.sft_epochs), "--output-dir", sft_parent], os.path.join(out, "sft.log"))
-    sft_rows = [r for r in rows(the_run(sft_parent)) if "eval/reward" in r]
-    checkpoint = os.path.join(the_run(sft_parent), "checkpoint")
+    sft_run = the_run(sft_parent)
+    checkpoint = os.path.join(sft_run, "checkpoint")
 
     # 2. Every algorithm from the SFT checkpoint, the SFT model as guide (the default --guide-name), same budget
     jobs = []
@@ -119,29 +161,66 @@ def main(args, extra):
                 flags += ["--alpha", str(round(args.d2lols_alpha_share * args.num_iterations))]
             jobs.append((algorithm, seed, parent, [f"{algorithm}.py", *flags]))
 
+    # 3. The final evaluation of every row, the same for all: the same prompts, the same sampling seed, eval/kl from the
+    # SFT checkpoint (pi_0 of every run). A flag passed after -- (--model-name ...) sets the zero-shot model, the one SFT started from.
+    final_flags = ["--task", args.task, "--eval-split", args.eval_split, *extra, "--final-eval-size", str(args.final_eval_size),
+                   "--seed", str(args.final_eval_seed), "--reference", checkpoint]
+    settings = {"split": args.eval_split, "final_eval_size": args.final_eval_size, "seed": args.final_eval_seed}
+
+    def done(path):
+        return os.path.isfile(path) and all(json.load(open(path)).get(k) == v for k, v in settings.items())
+
+    def final_eval(path, model_flags):
+        """benchmark/final_eval.py in its own process, writing path; one done earlier with these settings is reused."""
+        if not done(path):
+            run(["benchmark/final_eval.py", *final_flags, *model_flags, "--out", path], path[: -len(".json")] + ".log")
+        return json.load(open(path))
+
+    guided = [a for a in args.algorithms if a not in ("ppo", "grpo")]  # they use the guide (and evaluate it at iteration 0)
+    baselines = {"zero-shot": ("zero-shot", []), "SFT": ("sft", ["--model-name", checkpoint])}
+    if guided:
+        baselines["guide (SFT + nucleus)"] = ("guide", ["--model-name", checkpoint, "--guide"])
+
     def launch(job):
+        """Train (unless a run is there), evaluate, then delete the run's checkpoint (model and optimizer state)."""
         algorithm, seed, parent, argv = job
         if not os.path.isdir(parent) or not any(os.scandir(parent)):
             os.makedirs(parent, exist_ok=True)
             run(argv, os.path.join(parent, "log.txt"))
+        run_dir = the_run(parent)
+        run_checkpoint, path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "final_eval.json")
+        if not done(path) and not os.path.isdir(run_checkpoint):
+            sys.exit(f"error: {run_dir} has no checkpoint to evaluate (an unfinished run, or one deleted after a final "
+                     f"evaluation with other settings): delete {parent} to run it again")
+        result = final_eval(path, ["--model-name", run_checkpoint])
+        if not args.keep_checkpoints:
+            shutil.rmtree(run_checkpoint, ignore_errors=True)
         print(f"done {algorithm} seed {seed}", flush=True)
+        return result
 
-    with ThreadPoolExecutor(args.parallel) as pool:
-        list(pool.map(launch, jobs))
+    with ThreadPoolExecutor(args.parallel) as pool:  # the SFT rows' evaluations beside the runs
+        baseline_results = {row: pool.submit(final_eval, os.path.join(sft_run, f"final_eval_{name}.json"), flags)
+                            for row, (name, flags) in baselines.items()}
+        finals = list(pool.map(launch, jobs))
+    baseline_results = {row: future.result() for row, future in baseline_results.items()}
 
-    # 3. The table: final metrics on --eval-split, mean +- std over seeds; the command as typed (its paths as given, quoted)
+    # 4. The table: the final evaluations, mean +- std over seeds, and the differences from PPO paired by seed; the
+    # curves: the runs' own evaluations during training. The command as typed (its paths as given, quoted).
     results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
-               "commit": commit(), "reused_runs": reused, "rollouts_per_iteration": rollouts, "machine": machine(), "wall_time_s": None, "rows": {}, "curves": {}}
-    results["rows"]["zero-shot"] = {k: [sft_rows[0][k]] for k, _ in METRICS}
-    results["rows"]["SFT"] = {k: [sft_rows[-1][k]] for k, _ in METRICS}
-    guided = [a for a in args.algorithms if a not in ("ppo", "grpo")]  # their iteration 0 evaluates the guide too
-    guide = [rows(the_run(parent))[0] for algorithm, _, parent, _ in jobs if guided and algorithm == guided[0]]
-    if guide:
-        results["rows"]["guide (SFT + nucleus)"] = {k: [g[k.replace("eval/", "eval/guide_")] for g in guide] for k, _ in METRICS}
+               "commit": commit(), "reused_runs": reused, "rollouts_per_iteration": rollouts, "machine": machine(), "wall_time_s": None,
+               "final_eval": {k: baseline_results["zero-shot"][k] for k in ("split", "prompts", "prompts_sha256", "seed")},
+               "rows": {}, "differences_from_ppo": {}, "curves": {}}
+    for row, result in baseline_results.items():
+        results["rows"][row] = {k: [result["metrics"][k]] for k, _ in METRICS}
     for algorithm in args.algorithms:
+        results["rows"][algorithm] = {k: [f["metrics"][k] for (a, *_), f in zip(jobs, finals) if a == algorithm] for k, _ in METRICS}  # seeds 1, 2, ...
         per_seed = [rows(the_run(parent)) for a, _, parent, _ in jobs if a == algorithm]
-        results["rows"][algorithm] = {k: [r[-1][k] for r in per_seed] for k, _ in METRICS}
         results["curves"][algorithm] = [[(r["episodes"], r["eval/reward"], r.get("eval/kl")) for r in run_rows if "eval/reward" in r] for run_rows in per_seed]
+    if "ppo" in args.algorithms and args.seeds >= 2:
+        results["differences_from_ppo"] = {a: {k: paired_difference(results["rows"][a][k], results["rows"]["ppo"][k]) for k, _ in METRICS}
+                                           for a in args.algorithms if a != "ppo"}
+    # the plot's guide line: the guide's evaluations at iteration 0 of the first guided algorithm's runs (the curves' prompts)
+    results["guide_reward_during_training"] = [rows(the_run(parent))[0]["eval/guide_reward"] for a, _, parent, _ in jobs if guided and a == guided[0]]
     results["wall_time_s"] = round(time.time() - start)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -164,8 +243,11 @@ def machine():
 
 
 def markdown(results, args):
-    lines = [f"{args.eval_split.capitalize()} metrics at the end of training, mean ± std over {args.seeds} seeds "
-             f"({args.num_iterations} iterations x {results['rollouts_per_iteration']} episodes, {args.eval_size} prompts).", "",
+    final = results["final_eval"]
+    lines = [f"Final evaluation of every row on {final['prompts']} prompts of the {final['split']} split, sampling seed {final['seed']}, "
+             f"the same for every row; mean ± std over {args.seeds} seeds ({args.num_iterations} iterations x "
+             f"{results['rollouts_per_iteration']} episodes). The curves (reward_curve.png) are the runs' evaluations during "
+             f"training ({args.eval_size} prompts, each run's own seed).", "",
              "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for row, values in results["rows"].items():
         cells = []
@@ -173,6 +255,13 @@ def markdown(results, args):
             mean, std = mean_std(values[key])
             cells.append(f"{mean:.3f} ± {std:.3f}" if len(values[key]) > 1 else f"{mean:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if results["differences_from_ppo"]:
+        lines += ["", f"Difference from ppo, paired by seed: the mean over the {args.seeds} seeds of (algorithm - ppo) and its 95% "
+                  f"interval (Student t, df = {args.seeds - 1}).", "",
+                  "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for algorithm, diffs in results["differences_from_ppo"].items():
+            cells = [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diffs[key] for key, _ in METRICS)]
+            lines.append(f"| {algorithm} | " + " | ".join(cells) + " |")
     total = 1 + len(results["args"]["algorithms"]) * args.seeds
     reused = f" ({len(results['reused_runs'])} of its {total} runs reused from an earlier invocation)" if results["reused_runs"] else ""
     lines += ["", f"Command: `{results['command']}`", f"Commit: {results['commit']}{reused}", f"Machine: {results['machine']}",
@@ -200,8 +289,8 @@ def plot(results, path):
         points = [(point[2], point[1]) for run in runs for point in run if len(point) > 2 and point[2] is not None]
         kl_ax.scatter([k for k, _ in points], [r for _, r in points], s=12, color=line.get_color(), label=algorithm)
     for a in (ax, kl_ax):
-        if "guide (SFT + nucleus)" in results["rows"]:
-            a.axhline(statistics.mean(results["rows"]["guide (SFT + nucleus)"]["eval/reward"]), color="gray", linestyle="--", label="guide (SFT + nucleus)")
+        if results["guide_reward_during_training"]:
+            a.axhline(statistics.mean(results["guide_reward_during_training"]), color="gray", linestyle="--", label="guide (SFT + nucleus)")
         a.set_ylabel(f"{results['args']['eval_split']} reward")
     ax.set_xlabel("training episodes")
     kl_ax.set_xlabel("eval/kl (nats per response), every evaluation of every seed")
