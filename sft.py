@@ -144,7 +144,8 @@ def main(args):
     metrics, samples = evaluate()
     logger.log({"iteration": steps, "episodes": steps * args.batch_size, **metrics}, samples)
     print(f"after SFT: {metrics}")
-    common.save_checkpoint_model(policy, tokenizer, os.path.join(path, "checkpoint"))
+    common.save_checkpoint_model(policy, tokenizer, os.path.join(path, "checkpoint.tmp"))
+    os.replace(os.path.join(path, "checkpoint.tmp"), os.path.join(path, "checkpoint"))  # there whole, or not at all
     logger.close()
     print(f"done: {os.path.join(path, 'checkpoint')}  (pass it as --model-name)")
 

@@ -14,7 +14,7 @@ over seeds, each algorithm's difference from PPO paired by seed, with a 95% inte
 
 Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (the runs' evaluations during training:
 reward against episodes and against eval/kl; needs matplotlib, optional). Runs and final evaluations already in
-{output}/runs are reused, and the table says which runs."""
+{output}/runs are reused, and the table says which runs; runs cut short (a study killed midway) are run again."""
 
 import json
 import math
@@ -35,6 +35,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import tasks  # noqa: E402
+from runs import complete as checkpoint_complete  # noqa: E402
 
 ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp"]
 METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]
@@ -90,6 +91,17 @@ def the_run(parent):
     return os.path.join(parent, name)
 
 
+def finished(parent):
+    """A run (or the SFT) that got to its end: its final evaluation is there, or the checkpoint it writes last (whole,
+    by a rename). A study killed midway leaves runs with neither; the next invocation runs them again."""
+    if not os.path.isdir(parent) or not any(os.scandir(parent)):
+        return False
+    run_dir = the_run(parent)
+    if os.path.basename(parent) == "sft":
+        return os.path.isdir(os.path.join(run_dir, "checkpoint"))
+    return os.path.isfile(os.path.join(run_dir, "final_eval.json")) or checkpoint_complete(os.path.join(run_dir, "checkpoint"))
+
+
 def commit():
     """The code that produced the table: the git commit, marked when the tree had uncommitted changes."""
     try:
@@ -142,8 +154,9 @@ def main(args, extra):
     # 1. SFT on the positive reviews
     sft_parent = os.path.join(runs, "sft")
     reused = [name for name in ["sft", *[f"{a}_{s}" for a in args.algorithms for s in range(1, args.seeds + 1)]]
-              if os.path.isdir(os.path.join(runs, name)) and any(os.scandir(os.path.join(runs, name)))]
-    if not os.path.isdir(sft_parent):
+              if finished(os.path.join(runs, name))]
+    if not finished(sft_parent):
+        shutil.rmtree(sft_parent, ignore_errors=True)  # nothing, or an SFT cut short: from the start
         os.makedirs(sft_parent)
         run(["sft.py", *common_flags, "--num-epochs", str(args.sft_epochs), "--output-dir", sft_parent], os.path.join(out, "sft.log"))
     sft_run = the_run(sft_parent)
@@ -184,14 +197,15 @@ def main(args, extra):
     def launch(job):
         """Train (unless a run is there), evaluate, then delete the run's checkpoint (model and optimizer state)."""
         algorithm, seed, parent, argv = job
-        if not os.path.isdir(parent) or not any(os.scandir(parent)):
-            os.makedirs(parent, exist_ok=True)
+        if not finished(parent):
+            shutil.rmtree(parent, ignore_errors=True)  # nothing, or a run cut short (a study killed): from the start
+            os.makedirs(parent)
             run(argv, os.path.join(parent, "log.txt"))
         run_dir = the_run(parent)
         run_checkpoint, path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "final_eval.json")
         if not done(path) and not os.path.isdir(run_checkpoint):
-            sys.exit(f"error: {run_dir} has no checkpoint to evaluate (an unfinished run, or one deleted after a final "
-                     f"evaluation with other settings): delete {parent} to run it again")
+            sys.exit(f"error: {run_dir} has no checkpoint to evaluate (deleted after a final evaluation with other "
+                     f"settings): delete {parent} to run it again")
         result = final_eval(path, ["--model-name", run_checkpoint])
         if not args.keep_checkpoints:
             shutil.rmtree(run_checkpoint, ignore_errors=True)

@@ -87,6 +87,15 @@ def test_study_writes_the_table(tiny, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("final_eval*.json")} == times
     assert "(11 of its 11 runs reused from an earlier invocation)" in open(out / "table.md").read()
 
+    # a study killed midway: ppo_2's run was cut short (no final evaluation, no checkpoint); the next invocation runs it again
+    (cut,) = [d for d in (runs / "ppo_2").iterdir() if d.is_dir()]
+    (cut / "final_eval.json").unlink()
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "study.py"), *argv], cwd=tmp_path, check=True, capture_output=True)
+    third = json.load(open(out / "results.json"))
+    assert len(third["reused_runs"]) == 10 and "ppo_2" not in third["reused_runs"]
+    (rerun,) = [d for d in (runs / "ppo_2").iterdir() if d.is_dir()]
+    assert (rerun / "final_eval.json").is_file() and not (rerun / "checkpoint").exists()
+
 
 def test_overhead_prints_ratios(tiny):
     done = subprocess.run([sys.executable, "benchmark/overhead.py", "--scripts", "ppo", "ppo_pp", "--iterations", "2", "--",
