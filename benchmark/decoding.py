@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import transformers
@@ -44,7 +45,7 @@ class Args:
     """cuda if available, else cpu"""
     dtype: str = "auto"
     """auto: bfloat16 on CUDA, float32 elsewhere"""
-    compile: str = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
     """the fast path's compiled step: auto (on CUDA only), on, off"""
     warmup: int = 3
     """untimed calls of each way first"""
@@ -53,6 +54,8 @@ class Args:
 
 
 def main(args):
+    if min(args.batch, args.prompt_len, args.new_tokens, args.layers, args.repeats) < 1 or min(args.prefix_len, args.warmup, args.top_k) < 0:
+        sys.exit("error: --batch, --prompt-len, --new-tokens, --layers and --repeats must be >= 1; --prefix-len, --warmup, --top-k >= 0")
     device = common.device_of(args.device)
     dtype = common.dtype_of(args.dtype, device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")

@@ -11,10 +11,11 @@ Shapes:
              tokenizer ships offline). Random weights: the time of an iteration does not depend on what the model knows.
   smollm2    the offline default task as it is (SmolLM2-135M, rotten-tomatoes).
 
-Phases of the median iteration of 2..N (the first is warm-up; `--iterations N`; so the phases add up): rollin decode, rollout decode (PPO's whole generation is a
-rollout), reward, the old/reference forward passes, the update (the rest of the iteration: losses, backward, optimizer),
-and the evaluation after the last one. Decoding tokens per second count every token the samplers returned. Peak memory: CUDA's
-max allocated, or the process's peak RSS on a CPU. Each run is its own process; times are synchronized on CUDA."""
+Phases of the median iteration of 2..N (`--iterations N`; the first is warm-up; one iteration's phases add up):
+rollin decode, rollout decode (PPO's whole generation is a rollout), reward, the old/reference forward passes, the
+update (the rest of the iteration: losses, backward, optimizer), and the evaluation after the last one. Decoding
+tokens per second count every token the samplers returned. Peak memory: CUDA's max allocated, or the process's peak
+RSS on a CPU. Each run is its own process; times are synchronized on CUDA."""
 
 import json
 import os
@@ -229,4 +230,7 @@ if __name__ == "__main__":
         import tyro
 
         split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)  # flags after -- go to every run
-        main(tyro.cli(Args, args=sys.argv[1:split]), sys.argv[split + 1 :])
+        profile_args = tyro.cli(Args, args=sys.argv[1:split])
+        if profile_args.iterations < 2:
+            sys.exit("error: --iterations must be >= 2 (the first is warm-up, not timed)")
+        main(profile_args, sys.argv[split + 1 :])

@@ -319,4 +319,6 @@ if __name__ == "__main__":
     unknown = sorted(set(study_args.algorithms) - set(ALGORITHMS))
     if unknown:
         sys.exit(f"error: unknown algorithm(s) {', '.join(unknown)}; choose from: {', '.join(ALGORITHMS)}")
+    if study_args.seeds < 1 or study_args.final_eval_size < 0:
+        sys.exit("error: --seeds must be >= 1 and --final-eval-size >= 0 (0: the whole split)")
     main(study_args, sys.argv[split + 1 :])

@@ -187,3 +187,14 @@ def test_decoding_compares_three_ways():
     ms, ratios = [float(line.split()[-3]) for line in lines], [float(line.split()[-1].rstrip("x")) for line in lines]
     assert ratios[0] == 1.0 and all(m > 0 for m in ms)
     assert ratios[2] == pytest.approx(ms[0] / ms[2], rel=0.02, abs=0.01)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["benchmark/study.py", "--final-eval-size", "-1"], "--final-eval-size >= 0"),
+    (["benchmark/study.py", "--seeds", "0"], "--seeds must be >= 1"),
+    (["benchmark/profile_phases.py", "--iterations", "1"], "--iterations must be >= 2"),
+    (["benchmark/decoding.py", "--batch", "0"], "--batch, --prompt-len"),
+])
+def test_benchmarks_reject_bad_values_in_one_line(argv, message):
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
