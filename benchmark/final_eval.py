@@ -14,15 +14,14 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from plumbing import check, decoding, models, parallel, runs  # noqa: E402
 import ppo  # noqa: E402
-import runs  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -34,8 +33,8 @@ class Args(ppo.Args):
     """the KL reference pi_0 of eval/kl (the study: the SFT checkpoint)"""
     guide: bool = False
     """sample as the RLGF scripts' guide does (--top-k and --guide-top-p, no beam search) instead of as the policy"""
-    guide_top_p: Optional[float] = None
-    """nucleus mass of the guide's sampling (None: the task's preset)"""
+    guide_top_p: float = 0.92
+    """nucleus mass of the guide's sampling"""
     final_eval_size: int = 0
     """the first this many prompts of --eval-split (0: all of them)"""
     out: str = "final_eval.json"
@@ -43,26 +42,25 @@ class Args(ppo.Args):
 
 
 def main(args):
-    tasks.fill_from_preset(args)
-    common.check(args.reference and args.final_eval_size >= 0, "--reference is needed, and --final-eval-size must be >= 0")
-    tasks.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
-    device = common.device_of(args.device)
-    dtype = common.dtype_of(args.dtype, device)
+    check(args.reference and args.final_eval_size >= 0, "--reference is needed, and --final-eval-size must be >= 0")
+    models.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
+    device = parallel.device_of(args.device)
+    dtype = models.dtype_of(args.dtype, device)
 
-    tokenizer = common.load_tokenizer(args.model_name)
+    tokenizer = models.load_tokenizer(args.model_name)
     data, reward_data = tasks.load_data(args, tokenizer)
     reward_fn = tasks.load_reward(args, data, reward_data, device)
     pairs = data[args.eval_split][: args.final_eval_size or None]
     # The model as a run holds its policy (fp32 weights under autocast; a LoRA base in `dtype`), the frozen models in
     # `dtype`. Evaluating the reference itself (the SFT rows) gives eval/kl = 0.
-    model = common.mixed_precision(common.frozen(common.load_lm(args.model_name, device, dtype if args.lora_r else torch.float32)), dtype)
+    model = models.mixed_precision(models.frozen(models.load_lm(args.model_name, device, dtype if args.lora_r else torch.float32)), dtype)
     frozen_lms = {}
-    reference = model if args.reference == args.model_name else common.load_frozen_lm(args.reference, frozen_lms, device, dtype)
-    eval_lm = common.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
+    reference = model if args.reference == args.model_name else models.load_frozen_lm(args.reference, frozen_lms, device, dtype)
+    eval_lm = models.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
     if args.guide:  # as ppo_pp.py and the others sample their guide (and evaluate it at iteration 0)
-        generate = common.sampler(model, tokenizer, args.top_k, args.guide_top_p)
+        generate = decoding.sampler(model, tokenizer, args.top_k, args.guide_top_p)
     else:  # as every script evaluates its policy
-        generate = common.sampler(model, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
+        generate = decoding.sampler(model, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams)
     metrics, samples = common.evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device, args.seed, reference)
 
     result = dict(model=args.model_name, reference=args.reference, sampling="guide" if args.guide else "policy",
@@ -76,4 +74,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    runs.cli(main, Args)
+    runs.cli(main, Args, tasks.defaults)

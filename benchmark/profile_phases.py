@@ -54,8 +54,8 @@ def child(script, argv):
     import torch
 
     import common
-    import runs
     import tasks
+    from plumbing import runs
 
     cuda = torch.cuda.is_available()
     clock = {p: 0.0 for p in PHASES} | {"tokens": 0, "decode": 0.0, "in_eval": False}
@@ -159,18 +159,18 @@ def gpt2_imdb_assets():
     import torch
     import transformers
 
-    import common
+    from plumbing import models
     from tasks import sentiment
 
-    root = os.path.join(common.CACHE_DIR, "profile")
+    root = os.path.join(models.CACHE_DIR, "profile")
     paths = {k: os.path.join(root, k) for k in ("gpt2-small-random", "distilbert-random", "imdb-format")}
     if all(os.path.isdir(p) for p in paths.values()):
         return paths
-    tokenizer = common.load_tokenizer("smollm2-135m")
+    tokenizer = models.load_tokenizer("smollm2-135m")
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                                                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    common.save_checkpoint_model(gpt2, tokenizer, paths["gpt2-small-random"])
+    models.save_checkpoint_model(gpt2, tokenizer, paths["gpt2-small-random"])
     bert = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                                                           id2label={0: "NEGATIVE", 1: "POSITIVE"}))
     bert.save_pretrained(paths["distilbert-random"])

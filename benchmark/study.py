@@ -35,7 +35,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import tasks  # noqa: E402
-from runs import complete as checkpoint_complete  # noqa: E402
+from plumbing.runs import complete as checkpoint_complete  # noqa: E402
 
 ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp"]
 METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]

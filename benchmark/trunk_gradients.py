@@ -21,6 +21,8 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import tasks  # noqa: E402
+from plumbing import check, runs  # noqa: E402
 
 
 @dataclass
@@ -30,9 +32,9 @@ class Args:
 
 
 def main(args, extra):
-    common.check(args.script in ("ppo", "ppo_pp", "aggrevated", "d2lols"), f"--script: one of ppo, ppo_pp, aggrevated, d2lols, not {args.script}")
+    check(args.script in ("ppo", "ppo_pp", "aggrevated", "d2lols"), f"--script: one of ppo, ppo_pp, aggrevated, d2lols, not {args.script}")
     module = importlib.import_module(args.script)
-    script_args = tyro.cli(module.Args, args=extra)
+    script_args = runs.parse(module.Args, extra, tasks.defaults)
     terms, seen, norms = [], {}, {"policy loss": [], "value loss x vf_coef": [], "MLE x mle_coef": [], "all terms": []}
     mean, forward, backward = common.masked_mean, common.forward, torch.Tensor.backward
 

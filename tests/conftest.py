@@ -2,6 +2,7 @@
 2-layer DistilBERT sentiment classifier and an IMDB-format dataset directory. They go through the same loading code
 as the paper's gpt2 / lvwerra/distilbert-imdb / stanfordnlp/imdb."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -28,12 +29,12 @@ def _review(rng, positive):
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["\u2581" + w for w in [*POSITIVE, *NEGATIVE, *NEUTRAL, ".", ","]]  # Metaspace marks word starts with \u2581
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace(prepend_scheme="never")  # keep the space before a continuation
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]",
@@ -45,8 +46,7 @@ def tiny(tmp_path_factory):
     """Paths of the tiny assets: lm (causal LM dir), lm2 (another causal LM, a different guide), classifier, imdb,
     t5 (an encoder-decoder), common_gen (a CommonGen-format dataset directory), tldr and comparisons (TL;DR-format
     summaries and preference pairs)."""
-    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                              T5Config, T5ForConditionalGeneration)
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = _tokenizer()
@@ -108,17 +108,25 @@ def script(name):
     return importlib.import_module(name)
 
 
+def args_for(module, task, **values):
+    """The script's Args for --task `task` (its preset over the script's defaults, as the command line has them), with
+    `values` over them."""
+    import tasks
+
+    fields = module.Args.__dataclass_fields__
+    return dataclasses.replace(tasks.defaults(module.Args, task), **{k: v for k, v in values.items() if k in fields})
+
+
 def tiny_args(module, tiny, tmp_path, **overrides):
     """The script's Args on the imdb code path with the tiny assets and a budget of seconds."""
     values = dict(task="imdb", dataset_name=tiny["imdb"], model_name=tiny["lm"], reward_model_name=tiny["classifier"],
                   eval_lm_name=tiny["lm"], output_dir=str(tmp_path), device="cpu", prompt_len=8, max_new_tokens=6,
                   min_new_tokens=6, num_iterations=2, rollouts_per_iteration=8, minibatch_size=4, ppo_epochs=2,
                   learning_rate=1e-3, eval_every=1, eval_size=8, save_every=0)
-    fields = module.Args.__dataclass_fields__
     values.update(overrides)
     if module.__name__ == "d2lols" and "alpha" not in overrides:  # the preset's switch (imdb: 20) is beyond a tiny run's end
         values["alpha"] = min(1, values["num_iterations"])
-    return module.Args(**{k: v for k, v in values.items() if k in fields})
+    return args_for(module, values.pop("task"), **values)
 
 
 def run(name, tiny, tmp_path, **overrides):
@@ -134,7 +142,7 @@ def run(name, tiny, tmp_path, **overrides):
 def stopped_then_resumed(name, tiny, tmp_path, monkeypatch, **overrides):
     """Run the script uninterrupted; run it again, stopped by an exception right after its first checkpoint (pass
     save_every=1), and resume that run. Returns (straight run dir, its rows, resumed run dir, its rows)."""
-    import runs
+    from plumbing import runs
 
     straight_dir, straight = run(name, tiny, tmp_path / "straight", **overrides)
     save = runs.save_checkpoint

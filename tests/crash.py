@@ -12,9 +12,10 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import runs  # noqa: E402
 import torch  # noqa: E402
+
+import common  # noqa: E402
+from plumbing import runs  # noqa: E402
 
 point, count, script = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 hits = 0

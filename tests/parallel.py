@@ -15,14 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
+from conftest import script, tiny_args  # noqa: E402
 
 import common  # noqa: E402
-import runs  # noqa: E402
-from conftest import script, tiny_args  # noqa: E402
+from plumbing import parallel, runs  # noqa: E402
 
 
 def fixed_episodes(name):
-    rank, count = common.processes()
+    rank, count = parallel.processes()
     randint = torch.randint
 
     def shared_randint(high, size, *args, **kwargs):

@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
+from conftest import GUIDE_TOKEN, run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import GUIDE_TOKEN, run
+from plumbing import models
 
 SCRIPTS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 # masked_mean calls of the loss per minibatch step, and which of them are the policy loss's (their union) and the value loss's
@@ -57,7 +58,7 @@ def check_masks(iteration, expected_policy, expected_value):
 @pytest.mark.parametrize("name, flags", [("ppo_pp", dict(beta=0.0)), ("lols", dict(alpha=1.0, beta=0.0)),
                                          ("d2lols", dict(alpha=0, beta=0.0))])
 def test_guide_off_reproduces_ppo(tiny, tmp_path, name, flags):
-    """With the guide switched off (PPO++ beta = 0; LOLS alpha = 1, beta = 0; D2LOLS alpha = 0, beta2 = 0) each script
+    """With the guide switched off (PPO++ beta = 0; LOLS alpha = 1, beta = 0; D2LOLS alpha = 0, beta_ppo_pp = 0) each script
     is ppo.py: the same numbers iteration after iteration (PPO++: to the last digit)."""
     _, ppo = run("ppo", tiny, tmp_path / "ppo", num_iterations=3)
     _, other = run(name, tiny, tmp_path / name, num_iterations=3, **flags)
@@ -134,8 +135,8 @@ def test_lols_mixes_per_sample_within_a_batch(tiny, tmp_path, spy):
 
 
 def test_d2lols_switches_at_alpha(tiny, tmp_path, spy):
-    """alpha = 2: iterations 1-2 are AggreVaTeD (guide rollouts), iteration 3 onward PPO++ (beta2 = 1: guide rollins)."""
-    _, metrics = run("d2lols", tiny, tmp_path, num_iterations=4, alpha=2, beta1=0.0, beta2=1.0, guide_name="conftest:constant_guide")
+    """alpha = 2: iterations 1-2 are AggreVaTeD (guide rollouts), iteration 3 onward PPO++ (beta_ppo_pp = 1: guide rollins)."""
+    _, metrics = run("d2lols", tiny, tmp_path, num_iterations=4, alpha=2, beta_aggrevated=0.0, beta_ppo_pp=1.0, guide_name="conftest:constant_guide")
     phases = [m["rlgf/aggrevated_phase"] for m in metrics[1:]]
     assert phases == [1, 1, 0, 0]
     for i, iteration in enumerate(updates(spy, "d2lols")):
@@ -172,17 +173,16 @@ def test_lols_trains_both_critics(tiny, tmp_path):
 @pytest.mark.parametrize("name", SCRIPTS[1:])
 def test_guide_and_reference_stay_frozen(tiny, tmp_path, monkeypatch, name):
     """The guide (here a different model, lm2) and the KL reference are bit-identical before and after a run."""
-    import common
 
     loaded = {}
-    load = common.load_lm
+    load = models.load_lm
 
     def record(path, device, *dtype):
         model = load(path, device, *dtype)
         loaded.setdefault(path, []).append(model)
         return model
 
-    monkeypatch.setattr(common, "load_lm", record)
+    monkeypatch.setattr(models, "load_lm", record)
     extra = {"alpha": 1} if name == "d2lols" else {}
     run(name, tiny, tmp_path, guide_name=tiny["lm2"], beta=0.5, **extra)
     guide, reference = loaded[tiny["lm2"]][0], loaded[tiny["lm"]][0]
@@ -217,14 +217,14 @@ def test_end_to_end(tiny, tmp_path, name):
 @pytest.mark.parametrize("name", [*SCRIPTS, "sft"])
 def test_eval_split_test_evaluates_on_the_test_prompts(tiny, tmp_path, name):
     """--eval-split test: the evaluation before training generates from the test split's prompts, not validation's."""
-    import common
-    import tasks
     from conftest import script, tiny_args
+
+    import tasks
 
     module = script(name)
     args = tiny_args(module, tiny, tmp_path, eval_split="test", num_iterations=0, num_epochs=0.1, batch_size=8)
     module.main(args)
-    data, _ = tasks.load_data(args, common.load_tokenizer(args.model_name))
+    data, _ = tasks.load_data(args, models.load_tokenizer(args.model_name))
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     prompts = [s["prompt"] for s in samples if s["iteration"] == 0]

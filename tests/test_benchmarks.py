@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -183,7 +182,7 @@ def test_decoding_compares_three_ways():
                            "--new-tokens", "4", "--warmup", "1", "--repeats", "2"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()[-3:]
-    assert [line.split("  ")[0] for line in lines] == ["generate (dynamic cache)", "common.sample", "common.sample_static"]
+    assert [line.split("  ")[0] for line in lines] == ["generate (dynamic cache)", "decoding.sample", "decoding.sample_static"]
     ms, ratios = [float(line.split()[-3]) for line in lines], [float(line.split()[-1].rstrip("x")) for line in lines]
     assert ratios[0] == 1.0 and all(m > 0 for m in ms)
     assert ratios[2] == pytest.approx(ms[0] / ms[2], rel=0.02, abs=0.01)

@@ -1,15 +1,16 @@
 """The scripts as a user runs them: one-line errors for bad input, a fast and clear failure for hub-only assets
 offline, and the offline default task end to end on a tiny budget."""
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -30,11 +31,11 @@ def cli(*argv, env=None, timeout=300):
     (["aggrevated.py", "--beta", "-0.1"], "--beta must be in [0, 1]"),
     (["lols.py", "--alpha", "2"], "--alpha must be in [0, 1]"),
     (["lols.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
-    (["lols.py", "--beta1", "-1"], "--beta1 must be in [0, 1]"),
+    (["lols.py", "--beta-aggrevated", "-1"], "--beta-aggrevated must be in [0, 1]"),
     (["d2lols.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
     (["ppo.py", "--learning-rate", "0"], "--learning-rate must be > 0"),
     (["aggrevated.py", "--vf-learning-rate", "-1"], "--vf-learning-rate must be > 0"),
-    (["d2lols.py", "--beta2", "3"], "--beta2 must be in [0, 1]"),
+    (["d2lols.py", "--beta-ppo-pp", "3"], "--beta-ppo-pp must be in [0, 1]"),
     (["d2lols.py", "--alpha", "-1"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12]"),
     (["ppo.py", "--num-iterations", "-1"], "--num-iterations must be >= 0"),
     (["ppo.py", "--rollouts-per-iteration", "6", "--minibatch-size", "4"], "multiple of --minibatch-size"),
@@ -79,17 +80,48 @@ def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, conte
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft"])
-def test_help_lists_every_task_and_where_presets_live(name, capsys):
-    """--help offers the five tasks as the choices of --task and says that flags at None take the task's preset in tasks/."""
-    import tyro
+def help_defaults(name, argv, monkeypatch, capsys):
+    """{flag: the default --help shows} of `python NAME.py *argv --help` (run in this process: tyro prints and exits)."""
+    import tasks
+    from conftest import script
+    from plumbing import runs
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit):
+        runs.parse(script(name).Args, [*argv, "--help"], tasks.defaults)
+    entries = []  # one per flag: its first line starts with the flag, the next ones continue its help
+    for line in capsys.readouterr().out.splitlines():
+        line = line.strip("\u2502| ")
+        if re.match(r"--[a-z]", line):
+            entries.append(line)
+        elif entries and re.match(r"\w", line):  # not the box's edges
+            entries[-1] += " " + line
+    return {re.match(r"--([a-z0-9-]+)", e).group(1): re.findall(r"\(default: ([^)]*)\)", e)[-1] for e in entries}
+
+
+@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft", "reward_model"])
+def test_help_shows_the_numbers_of_the_task(name, monkeypatch, capsys):
+    """`python NAME.py --help` and `python NAME.py --task X --help` show every number, never None, and they are the
+    values a run of that task takes (the task's preset over the script's own defaults)."""
+    import tasks
     from conftest import script
 
-    with pytest.raises(SystemExit):
-        tyro.cli(script(name).Args, args=["--help"])
-    text = "".join(c for c in capsys.readouterr().out if not c.isspace() and c != "\u2502")  # no wrapping, no box edges
-    assert "--task{rotten-tomatoes,imdb,commongen,concepts,tldr}" in text
-    assert "FlagsatNonetakethetask'spreset(tasks/sentiment.py,tasks/commongen.py,tasks/summarize.py)" in text
+    args_class = script(name).Args
+    for task in ("rotten-tomatoes", "tldr" if name == "reward_model" else "imdb"):
+        shown = help_defaults(name, [] if task == "rotten-tomatoes" else ["--task", task], monkeypatch, capsys)
+        values = tasks.defaults(args_class, task)
+        for field in dataclasses.fields(values):
+            value, flag = getattr(values, field.name), field.name.replace("_", "-")
+            if field.name == "exp_name":
+                continue
+            assert flag in shown, flag
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert shown[flag] != "None" and float(shown[flag]) == value, (task, flag, shown[flag], value)
+            elif field.type in (int, float):
+                raise AssertionError(f"{name}.py --{flag} is a number flag with no number: {value}")
+            else:
+                assert shown[flag] == str(value), (task, flag, shown[flag], value)
+    assert help_defaults(name, [], monkeypatch, capsys)["task"] == "rotten-tomatoes"
 
 
 def test_imdb_offline_fails_fast_and_clearly():

@@ -3,6 +3,7 @@ forward pass, the guide check and the training state (the tasks' data and reward
 offline on CPU in seconds."""
 
 import os
+import types
 import random
 from collections import Counter
 
@@ -11,6 +12,7 @@ import torch
 
 import common
 from common import GUIDE, NO_ROLLIN, POLICY
+from plumbing import UserError, decoding, models
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,21 +105,21 @@ def test_top_k_keeps_exactly_k_largest():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 30, generator=g)
     for k in (1, 4, 29):
-        out = common._filter_logits(logits.clone(), k, 1.0)
+        out = decoding._filter_logits(logits.clone(), k, 1.0)
         finite = torch.isfinite(out)
         assert (finite.sum(-1) == k).all()
         top = torch.topk(logits, k, -1).indices
         assert finite.gather(1, top).all()
         torch.testing.assert_close(out[finite], logits[finite])
-    assert torch.equal(common._filter_logits(logits.clone(), 0, 1.0), logits)
-    assert torch.equal(common._filter_logits(logits.clone(), 30, 1.0), logits)
+    assert torch.equal(decoding._filter_logits(logits.clone(), 0, 1.0), logits)
+    assert torch.equal(decoding._filter_logits(logits.clone(), 30, 1.0), logits)
 
 
 @pytest.mark.parametrize("p,kept", [(0.3, 1), (0.49, 1), (0.51, 2), (0.7, 2), (0.8, 2), (0.81, 3), (0.96, 4), (1.0, 4)])
 def test_top_p_keeps_smallest_prefix_reaching_p(p, kept):
     """top_p keeps the smallest prefix of the sorted distribution whose mass reaches p (unsorted input)."""
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
-    out = common._filter_logits(probs.log(), 0, p)
+    out = decoding._filter_logits(probs.log(), 0, p)
     finite = torch.isfinite(out)[0]
     assert finite.sum().item() == kept
     order = torch.argsort(probs[0], descending=True)
@@ -129,7 +131,7 @@ def test_top_p_exact_boundary(probs, p):
     """Exact-in-float masses: when the sorted prefix's mass equals p exactly, nothing after that prefix is kept."""
     sorted_probs = sorted(probs, reverse=True)
     kept = next(i + 1 for i in range(len(probs)) if sum(sorted_probs[: i + 1]) >= p)
-    out = common._filter_logits(torch.tensor([probs]).log(), 0, p)
+    out = decoding._filter_logits(torch.tensor([probs]).log(), 0, p)
     assert torch.isfinite(out).sum().item() == kept
 
 
@@ -138,10 +140,10 @@ def test_top_p_always_keeps_argmax_and_combines_with_top_k():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(8, 20, generator=g)
     for p in (0.0, 1e-6, 0.2):
-        out = common._filter_logits(logits.clone(), 0, p)
+        out = decoding._filter_logits(logits.clone(), 0, p)
         assert torch.isfinite(out.gather(1, logits.argmax(-1, keepdim=True))).all()
         assert (torch.isfinite(out).sum(-1) >= 1).all()
-    out = common._filter_logits(logits.clone(), 5, 0.9)
+    out = decoding._filter_logits(logits.clone(), 5, 0.9)
     n = torch.isfinite(out).sum(-1)
     assert ((n >= 1) & (n <= 5)).all()
 
@@ -154,7 +156,7 @@ EOS = 0
 
 @pytest.fixture(scope="module")
 def lm(tiny):
-    return common.load_lm(tiny["lm"], "cpu")
+    return models.load_lm(tiny["lm"], "cpu")
 
 
 class Recorder:
@@ -179,8 +181,8 @@ class Recorder:
 
 
 def _ids(rows, pad=0):
-    """Left-padded prompts and an empty response prefix: the arguments of common.sample before the budgets."""
-    ids, mask = common._left_pad([torch.tensor(r) for r in rows], pad, "cpu")
+    """Left-padded prompts and an empty response prefix: the arguments of decoding.sample before the budgets."""
+    ids, mask = decoding._left_pad([torch.tensor(r) for r in rows], pad, "cpu")
     return ids, mask, ids[:, :0], mask[:, :0]
 
 
@@ -193,9 +195,9 @@ def test_sample_left_padding_does_not_change_greedy_tokens(lm):
     tokens, and the same next-token logits at every step."""
     short, long = [5, 9, 13], [20, 3, 7, 8, 30, 2, 11]
     rec_alone, rec_batch, rec_long = Recorder(lm), Recorder(lm), Recorder(lm)
-    alone, alone_len = common.sample(rec_alone, *_ids([short]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
-    batch, batch_len = common.sample(rec_batch, *_ids([long, short]), _budget(8, 8), _budget(8, 8), greedy=True, eos_id=EOS)
-    long_alone, _ = common.sample(rec_long, *_ids([long]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
+    alone, alone_len = decoding.sample(rec_alone, *_ids([short]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
+    batch, batch_len = decoding.sample(rec_batch, *_ids([long, short]), _budget(8, 8), _budget(8, 8), greedy=True, eos_id=EOS)
+    long_alone, _ = decoding.sample(rec_long, *_ids([long]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
     assert torch.equal(batch[1], alone[0]) and batch_len[1] == alone_len[0] == 8
     assert torch.equal(batch[0], long_alone[0])
     assert len(rec_batch.calls) == len(rec_alone.calls) == 8
@@ -209,7 +211,7 @@ def test_sample_per_sample_budgets(lm):
     pad = 35
     prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
     torch.manual_seed(0)
-    tokens, lengths = common.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(0, 0, 0), top_k=10, eos_id=EOS, pad_id=pad)
+    tokens, lengths = decoding.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(0, 0, 0), top_k=10, eos_id=EOS, pad_id=pad)
     assert tokens.shape == (3, 5)
     assert (lengths <= _budget(1, 3, 5)).all() and (lengths >= 1).all()
     for row, n in zip(tokens, lengths.tolist()):
@@ -217,7 +219,7 @@ def test_sample_per_sample_budgets(lm):
         assert (row[: n - 1] != EOS).all()  # only the last real token may be the EOS
         assert (row[:n] != pad).all()
     # Greedy with min = max: every sample uses exactly its own budget.
-    tokens, lengths = common.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(1, 3, 5), greedy=True, eos_id=EOS, pad_id=pad)
+    tokens, lengths = decoding.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(1, 3, 5), greedy=True, eos_id=EOS, pad_id=pad)
     assert lengths.tolist() == [1, 3, 5]
     assert (tokens[0, 1:] == pad).all() and (tokens[1, 3:] == pad).all()
 
@@ -230,12 +232,12 @@ def test_sample_min_new_forbids_early_eos(lm):
     boosted = Recorder(lm, boost=lambda call: torch.full((3,), 1e4))
     for greedy in (True, False):
         torch.manual_seed(1)
-        _, lengths = common.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(0, 0, 0), greedy=greedy, eos_id=EOS, pad_id=pad)
+        _, lengths = decoding.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(0, 0, 0), greedy=greedy, eos_id=EOS, pad_id=pad)
         assert lengths.tolist() == [1, 1, 1]
-        tokens, lengths = common.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(5, 5, 5), greedy=greedy, eos_id=EOS, pad_id=pad)
+        tokens, lengths = decoding.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(5, 5, 5), greedy=greedy, eos_id=EOS, pad_id=pad)
         assert lengths.tolist() == [5, 5, 5]
         assert (tokens != EOS).all()
-        tokens, lengths = common.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(2, 2, 2), greedy=greedy, eos_id=EOS, pad_id=pad)
+        tokens, lengths = decoding.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(2, 2, 2), greedy=greedy, eos_id=EOS, pad_id=pad)
         assert lengths.tolist() == [3, 3, 3]
         assert (tokens[:, 2] == EOS).all() and (tokens[:, :2] != EOS).all() and (tokens[:, 3:] == pad).all()
 
@@ -244,10 +246,10 @@ def test_sample_model_eos_counts_and_pads_after(lm):
     """An EOS the model picks (row 1, step 2) is the last counted token, pad_id follows; other rows are unaffected."""
     prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
     pad = 35
-    plain, plain_len = common.sample(lm, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
+    plain, plain_len = decoding.sample(lm, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
     assert plain_len.tolist() == [6, 6, 6], "the tiny model should not pick EOS greedily here"
     boost = Recorder(lm, boost=lambda call: torch.tensor([0.0, 1e4, 0.0]) if call == 2 else None)
-    tokens, lengths = common.sample(boost, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
+    tokens, lengths = decoding.sample(boost, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
     assert lengths.tolist() == [6, 3, 6]
     assert tokens[1, 2] == EOS and torch.equal(tokens[1, :2], plain[1, :2]) and (tokens[1, 3:] == pad).all()
     assert torch.equal(tokens[0], plain[0]) and torch.equal(tokens[2], plain[2])
@@ -259,7 +261,7 @@ def test_sample_one_prefill_then_one_token_per_step(lm):
     prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12, 13]]
     rec = Recorder(lm)
     torch.manual_seed(2)
-    tokens, lengths = common.sample(rec, *_ids(prompts), _budget(4, 2, 4), _budget(4, 2, 4), top_k=5, eos_id=EOS)
+    tokens, lengths = decoding.sample(rec, *_ids(prompts), _budget(4, 2, 4), _budget(4, 2, 4), top_k=5, eos_id=EOS)
     assert lengths.tolist() == [4, 2, 4]
     assert rec.calls[0]["shape"] == (3, 5) and rec.calls[0]["past"] is None
     assert len(rec.calls) == 4  # prefill + one call per token still needed (none after the last step)
@@ -272,7 +274,7 @@ def test_sample_kv_cache_matches_full_recompute(lm):
     unpadded sequence each step."""
     prompt = [3, 14, 15, 9, 2, 6]
     rec = Recorder(lm)
-    tokens, _ = common.sample(rec, *_ids([[1, 2], prompt, [7]]), _budget(6, 6, 2), _budget(6, 6, 2), greedy=True, eos_id=EOS)
+    tokens, _ = decoding.sample(rec, *_ids([[1, 2], prompt, [7]]), _budget(6, 6, 2), _budget(6, 6, 2), greedy=True, eos_id=EOS)
     seq = list(prompt)
     with torch.no_grad():
         for step in range(6):
@@ -302,16 +304,16 @@ def test_static_cache_decoding_draws_the_same_tokens(lm, arch):
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     query, query_mask, _, _ = _ids([torch.randint(2, vocab, (n,), generator=g).tolist() for n in (3, 7, 5, 6, 2, 7)])
-    prefix, prefix_mask = common._left_pad([torch.randint(2, vocab, (n,), generator=g) for n in (0, 2, 4, 1, 3, 0)], 0, "cpu")
+    prefix, prefix_mask = decoding._left_pad([torch.randint(2, vocab, (n,), generator=g) for n in (0, 2, 4, 1, 3, 0)], 0, "cpu")
     max_new, min_new = _budget(12, 5, 12, 1, 0, 9), _budget(3, 0, 12, 1, 0, 0)
     early = 0
     for seed in range(6):
         for kwargs in (dict(top_k=5, top_p=0.9), dict(top_k=0, top_p=1.0), dict(greedy=True)):
             torch.manual_seed(seed)
-            plain = common.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
+            plain = decoding.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
             after_plain = torch.rand(1)
             torch.manual_seed(seed)
-            static = common.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
+            static = decoding.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
             assert torch.equal(plain[0], static[0]) and torch.equal(plain[1], static[1]), (seed, kwargs)
             assert torch.equal(torch.rand(1), after_plain)  # the same random numbers consumed
             early += int((plain[1] < max_new).sum())
@@ -339,12 +341,12 @@ def test_compiled_static_decoding_traces_once_per_shape(lm, arch, monkeypatch):
     counts = []
     for batch, prefix_len, budget in ((3, 0, 9), (6, 4, 7), (5, 2, 9), (12, 3, 8), (9, 0, 9), (16, 30, 40), (7, 1, 9), (14, 2, 5)):
         query, query_mask, _, _ = _ids([torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (batch,), generator=g)])
-        prefix, prefix_mask = common._left_pad([torch.randint(2, vocab, (int(n),), generator=g) for n in torch.randint(0, prefix_len + 1, (batch,), generator=g)], 0, "cpu")
+        prefix, prefix_mask = decoding._left_pad([torch.randint(2, vocab, (int(n),), generator=g) for n in torch.randint(0, prefix_len + 1, (batch,), generator=g)], 0, "cpu")
         max_new, min_new = torch.randint(1, budget + 1, (batch,), generator=g), torch.zeros(batch, dtype=torch.long)
         torch.manual_seed(batch)
-        plain = common.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0)
+        plain = decoding.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0)
         torch.manual_seed(batch)
-        fast = common.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0, compiled=True)
+        fast = decoding.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0, compiled=True)
         assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1]), batch
         counts.append(len(graphs))
         if batch == 3:
@@ -372,7 +374,7 @@ class FakeSampler:
 
     def __call__(self, query, query_mask, prefix, prefix_mask, max_new, min_new):
         # recorded as the causal LM sees a state: prompt + response prefix, left-padded
-        input_ids, attention_mask = common._left_pad([torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], PAD, "cpu")
+        input_ids, attention_mask = decoding._left_pad([torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], PAD, "cpu")
         self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
                                max_new=max_new.clone(), min_new=min_new.clone()))
         batch = input_ids.shape[0]
@@ -400,15 +402,20 @@ def _queries(batch, seed=0):
     for i in range(batch):
         n = int(torch.randint(0, 4, (1,), generator=g))
         rows.append(torch.tensor([ROW + i] + torch.randint(1, 10, (n,), generator=g).tolist()))
-    ids, mask = common._left_pad(rows, PAD, "cpu")
+    ids, mask = decoding._left_pad(rows, PAD, "cpu")
     return ids, mask, rows
+
+
+def _tokens(pad_id, eos_id=None):
+    """The two token ids generate_with_restarts reads of a tokenizer."""
+    return types.SimpleNamespace(pad_token_id=pad_id, eos_token_id=eos_id)
 
 
 def _run(rollin_by, rollout_by, n, min_new, seed=0, stop_at=None, query_seed=0):
     samplers = {POLICY: FakeSampler(POLICY, stop_at), GUIDE: FakeSampler(GUIDE, stop_at)}
     query, query_mask, rows = _queries(len(rollin_by), query_seed)
     out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor(rollin_by), torch.tensor(rollout_by),
-                                        n, min_new, torch.Generator().manual_seed(seed), PAD)
+                                        n, min_new, torch.Generator().manual_seed(seed), _tokens(PAD))
     return out, samplers, rows
 
 
@@ -567,14 +574,14 @@ def test_restarts_deterministic_given_generator_only():
 
 def test_restarts_with_real_sampler(lm, tiny):
     """End to end with the tiny GPT-2 as both samplers: shapes, masks, and rollin tokens kept verbatim."""
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    samplers = {POLICY: common.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
-                GUIDE: common.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True)}
+    tokenizer = models.load_tokenizer(tiny["lm"])
+    samplers = {POLICY: decoding.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
+                GUIDE: decoding.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True)}
     query, query_mask, no_prefix, no_prefix_mask = _ids([[4, 5, 6], [7, 8], [9, 10, 11, 12], [3]])
     n = 5
-    plain = common.sample(lm, query, query_mask, no_prefix, no_prefix_mask, _budget(n, n, n, n), _budget(n, n, n, n), greedy=True, eos_id=EOS)[0]
+    plain = decoding.sample(lm, query, query_mask, no_prefix, no_prefix_mask, _budget(n, n, n, n), _budget(n, n, n, n), greedy=True, eos_id=EOS)[0]
     out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([POLICY, GUIDE, NO_ROLLIN, GUIDE]),
-                                        torch.tensor([GUIDE, POLICY, POLICY, GUIDE]), n, n, torch.Generator().manual_seed(0), PAD)
+                                        torch.tensor([GUIDE, POLICY, POLICY, GUIDE]), n, n, torch.Generator().manual_seed(0), _tokens(PAD))
     # Greedy, same model for both roles: the restarted response equals an uninterrupted greedy response.
     assert torch.equal(out["response"], plain)
     assert out["response_mask"].all()
@@ -586,12 +593,12 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
     """What each token was sampled from is what the training forward scores: for every token of every rollin and
     rollout (restarts prefill the prompt + kept prefix at once, then decode from the KV cache; prompts left-padded),
     the sampler's log-softmax equals forward's at that position within 1e-4. Decoder-only and encoder-decoder."""
-    tokenizer = common.load_tokenizer(tiny[kind])
-    policy, guide = common.load_lm(tiny[kind], "cpu"), common.load_lm(tiny["lm2"] if kind == "lm" else tiny[kind], "cpu")
+    tokenizer = models.load_tokenizer(tiny[kind])
+    policy, guide = models.load_lm(tiny[kind], "cpu"), models.load_lm(tiny["lm2"] if kind == "lm" else tiny[kind], "cpu")
     step_logits, calls = [], []
     for model in (policy, guide):  # every model call inside `sample` is the prefill or one decoding step
         model.register_forward_hook(lambda module, args, out: step_logits.append(out.logits[:, -1].float().clone()))
-    sample = common.sample
+    sample = decoding.sample
 
     def sample_spy(model, query, query_mask, prefix, prefix_mask, *args, **kwargs):
         step_logits.clear()
@@ -599,14 +606,14 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
         calls.append((model, query, query_mask, prefix, prefix_mask, tokens, lengths, list(step_logits)))
         return tokens, lengths
 
-    monkeypatch.setattr(common, "sample", sample_spy)
-    samplers = {POLICY: common.sampler(policy, tokenizer, top_k=0, top_p=1.0), GUIDE: common.sampler(guide, tokenizer, top_k=0, top_p=1.0)}
+    monkeypatch.setattr(decoding, "sample", sample_spy)
+    samplers = {POLICY: decoding.sampler(policy, tokenizer, top_k=0, top_p=1.0), GUIDE: decoding.sampler(guide, tokenizer, top_k=0, top_p=1.0)}
     prompts = ["the film was", "a great and moving story of it", "dull", "this movie is a mess but the actors", "fun", "the plot", "it was", "a"]
     query, query_mask = common.tokenize_prompts(tokenizer, prompts, 8, "left", "cpu")
     torch.manual_seed(0)
     out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([NO_ROLLIN, POLICY, GUIDE, POLICY, GUIDE, NO_ROLLIN, POLICY, GUIDE]),
                                         torch.tensor([POLICY, GUIDE, POLICY, POLICY, GUIDE, GUIDE, GUIDE, POLICY]), 6, 2,
-                                        torch.Generator().manual_seed(0), tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                        torch.Generator().manual_seed(0), tokenizer)
     assert (out["restart_at"] > 0).sum() >= 4 and len(calls) == 4  # rollins by both, rollouts by both
     compared = 0
     for model, q, qm, prefix, prefix_mask, tokens, lengths, logits in calls:
@@ -631,16 +638,16 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
-    """A whitespace word-level tokenizer (w0..w19 get ids 2..21, '<eos>' = 0 = pad) loaded through common.load_tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A whitespace word-level tokenizer (w0..w19 get ids 2..21, '<eos>' = 0 = pad) loaded through models.load_tokenizer."""
+    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(20)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     path = tmp_path_factory.mktemp("wordtok")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]", model_max_length=512).save_pretrained(path)
-    return common.load_tokenizer(str(path))
+    return models.load_tokenizer(str(path))
 
 
 def test_load_tokenizer_left_pads_with_eos(word_tokenizer):
@@ -727,15 +734,15 @@ def test_load_guide_picks_the_token_or_the_text_path(tiny, tmp_path):
     `module:function` comes alone; a model whose tokenizer numbers the words otherwise continues text (guides.py)."""
     from test_guides import other_tokenizer_lm
 
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    guide, model = common.load_guide(tiny["lm2"], tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    tokenizer = models.load_tokenizer(tiny["lm"])
+    guide, model = models.load_guide(_guide_args(tiny["lm2"]), tokenizer, {}, "cpu", torch.float32)
     assert model is not None and not hasattr(guide, "seam")
-    guide, model = common.load_guide("conftest:constant_guide", tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    guide, model = models.load_guide(_guide_args("conftest:constant_guide"), tokenizer, {}, "cpu", torch.float32)
     assert model is None and guide.__name__ == "constant_guide"
-    guide, model = common.load_guide(other_tokenizer_lm(tiny, tmp_path / "other"), tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    guide, model = models.load_guide(_guide_args(other_tokenizer_lm(tiny, tmp_path / "other")), tokenizer, {}, "cpu", torch.float32)
     assert model is None and hasattr(guide, "seam")
-    with pytest.raises(common.UserError, match="needs --guide-api-base"):
-        common.load_guide("openai:some-model", tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    with pytest.raises(UserError, match="needs --guide-api-base"):
+        models.load_guide(_guide_args("openai:some-model"), tokenizer, {}, "cpu", torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -754,9 +761,9 @@ class Payload:
 def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
     """What save_checkpoint writes loads with torch.load(weights_only=True) and restores the optimizer, scheduler, random
     states and iteration; a --resume file that needs more (pickled code) is refused in one line, its code not run."""
-    import runs
+    from plumbing import runs
 
-    tokenizer = common.load_tokenizer(tiny["lm"])
+    tokenizer = models.load_tokenizer(tiny["lm"])
     head = common.value_head(lm, 2, "cpu")
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda("linear", 10))
@@ -778,6 +785,11 @@ def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
 
     marker = tmp_path / "payload_ran"
     torch.save({**state, "extra": Payload(str(marker))}, state_file)
-    with pytest.raises(common.UserError, match="more than tensors") as refused:
+    with pytest.raises(UserError, match="more than tensors") as refused:
         runs.load_training_state(str(tmp_path), head2, optimizer2, scheduler2, rng2)
     assert "\n" not in str(refused.value) and not marker.exists()
+
+
+def _guide_args(name):
+    """The flags models.load_guide reads."""
+    return types.SimpleNamespace(guide_name=name, top_k=0, guide_top_p=1.0, guide_api_base=None, fast_decoding=False)

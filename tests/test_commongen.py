@@ -4,24 +4,27 @@
 import os
 
 import pytest
+import types
+
 import torch
+from conftest import run
 from transformers import AutoModelForSeq2SeqLM
 
 import common
 from common import GUIDE, NO_ROLLIN, POLICY
-from conftest import run
+from plumbing import decoding, models
 
 
 @pytest.fixture(scope="module")
 def t5(tiny):
-    return common.load_lm(tiny["t5"], "cpu"), common.load_tokenizer(tiny["t5"])
+    return models.load_lm(tiny["t5"], "cpu"), models.load_tokenizer(tiny["t5"])
 
 
 def test_t5_forward_matches_unpadded(t5):
     """Log-probs of decoder tokens from a padded batch equal per-sample unpadded forward passes."""
     model, _ = t5
     prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]]
-    query, query_mask = common._left_pad([torch.tensor(p) for p in prompts], 0, "cpu")
+    query, query_mask = decoding._left_pad([torch.tensor(p) for p in prompts], 0, "cpu")
     response = torch.tensor([[10, 11, 12], [13, 14, 0]])
     response_mask = torch.tensor([[True, True, True], [True, True, False]])
     head = torch.nn.Linear(model.config.d_model, 2)
@@ -38,12 +41,12 @@ def test_t5_restart_keeps_the_decoder_prefix(t5):
     """Restarting on the decoder (one prefill of [start] + the kept prefix) continues exactly like an uninterrupted
     greedy decode, and the kept prefix is the rollin's."""
     model, tokenizer = t5
-    samplers = {who: common.sampler(model, tokenizer, 0, 1.0, greedy=True) for who in (POLICY, GUIDE)}
-    query, query_mask = common._left_pad([torch.tensor(p) for p in ([4, 5, 6], [7, 8], [9, 10, 11, 12])], 0, "cpu")
+    samplers = {who: decoding.sampler(model, tokenizer, 0, 1.0, greedy=True) for who in (POLICY, GUIDE)}
+    query, query_mask = decoding._left_pad([torch.tensor(p) for p in ([4, 5, 6], [7, 8], [9, 10, 11, 12])], 0, "cpu")
     n, budget = 6, torch.full((3,), 6)
-    plain, _ = common.sample(model, query, query_mask, query[:, :0], query_mask[:, :0], budget, budget, greedy=True, eos_id=0)
+    plain, _ = decoding.sample(model, query, query_mask, query[:, :0], query_mask[:, :0], budget, budget, greedy=True, eos_id=0)
     out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([POLICY, GUIDE, NO_ROLLIN]),
-                                        torch.tensor([GUIDE, POLICY, POLICY]), n, n, torch.Generator().manual_seed(0), 0)
+                                        torch.tensor([GUIDE, POLICY, POLICY]), n, n, torch.Generator().manual_seed(0), types.SimpleNamespace(pad_token_id=0, eos_token_id=None))
     assert torch.equal(out["response"], plain)
     h = out["restart_at"]
     assert (h[:2] >= 1).all() and h[2] == 0
@@ -52,8 +55,8 @@ def test_t5_restart_keeps_the_decoder_prefix(t5):
 
 def test_t5_beam_search_evaluation(t5):
     model, tokenizer = t5
-    query, query_mask = common._left_pad([torch.tensor(p) for p in ([4, 5, 6], [7, 8])], 0, "cpu")
-    beams = common.sampler(model, tokenizer, 0, 1.0, num_beams=5)
+    query, query_mask = decoding._left_pad([torch.tensor(p) for p in ([4, 5, 6], [7, 8])], 0, "cpu")
+    beams = decoding.sampler(model, tokenizer, 0, 1.0, num_beams=5)
     tokens, lengths = beams(query, query_mask, query[:, :0], query_mask[:, :0], torch.full((2,), 6), torch.full((2,), 2))
     assert ((lengths >= 2) & (lengths <= 6)).all()
     expected = model.generate(input_ids=query, attention_mask=query_mask.long(), num_beams=5, max_new_tokens=6, min_new_tokens=2)

@@ -1,15 +1,13 @@
 """grpo.py and grpo_pp.py: the group advantage, beta = 0, the guide's tokens, the all-fail trigger, end to end, resume."""
 
-import json
 import math
 import os
 import statistics
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import GUIDE_TOKEN, run
+from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -191,8 +189,9 @@ def test_objective_by_hand(tiny, tmp_path, recorder, name, extra):
 @pytest.mark.parametrize("name", ["grpo", "grpo_pp"])
 def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     """The share of positive words; the guide writes only positive words: the policy's own validation reward rises."""
-    import tasks
     from conftest import PositiveWords
+
+    import tasks
 
     events = []
     monkeypatch.setattr(tasks, "load_reward", lambda *args: PositiveWords(events))

@@ -4,6 +4,7 @@ OpenAI-compatible server (`transformers serve`) on 127.0.0.1 as the guide of ppo
 import importlib.util
 import json
 import os
+import types
 import socket
 import subprocess
 import sys
@@ -11,17 +12,16 @@ import time
 
 import pytest
 import torch
-
-import common
-import guides
 from conftest import run
 from test_cli import cli
 
+import common
+from plumbing import decoding, guides, models
 
 
 def states(tokenizer, prompts, prefixes):
     query, query_mask = common.tokenize_prompts(tokenizer, prompts, 16, "left", "cpu")
-    prefix, prefix_mask = common._left_pad([torch.tensor(tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in prefixes],
+    prefix, prefix_mask = decoding._left_pad([torch.tensor(tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in prefixes],
                                            tokenizer.pad_token_id, "cpu")
     return query, query_mask, prefix, prefix_mask
 
@@ -41,7 +41,7 @@ def test_text_restart_sends_the_exact_state_and_cuts_to_the_budget(tiny):
     """The guide receives prompt + kept prefix as the policy's tokenizer writes them; its text comes back as the
     policy's tokens of that text, cut to the budget; a guide that stops (EOS) before the minimum is asked to go on
     from where it stopped, and one that stops after it ends the sample with EOS."""
-    tokenizer = common.load_tokenizer(tiny["lm"])
+    tokenizer = models.load_tokenizer(tiny["lm"])
     query, query_mask, prefix, prefix_mask = states(tokenizer, ["the film", "a plot"], ["was", ""])
     complete = Scripted((" great fun and charming dull", False), (" bland", True), (" boring mess", True))
     guide = guides.text_guide(complete, tokenizer)
@@ -56,30 +56,30 @@ def test_text_restart_sends_the_exact_state_and_cuts_to_the_budget(tiny):
 def test_seam_share_counts_the_states_that_re_tokenize_otherwise(tiny):
     """A continuation glued to the kept prefix ("great" + "fun and": one unknown word as one text) re-tokenizes
     otherwise, one that starts with a space does not: the logged share is 1/2, then 0 once read (it is per row)."""
-    tokenizer = common.load_tokenizer(tiny["lm"])
+    tokenizer = models.load_tokenizer(tiny["lm"])
     query, query_mask, prefix, prefix_mask = states(tokenizer, ["the film", "a plot"], ["great", "great"])
     guide = guides.text_guide(Scripted(("fun and", False), (" fun and", False)), tokenizer)
     guide(query, query_mask, prefix, prefix_mask, torch.tensor([2, 2]), torch.tensor([2, 2]))
-    assert common.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.5}
-    assert common.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.0}
+    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.5}
+    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.0}
 
 
 def test_text_restart_through_generate_with_restarts_marks_the_guide_tokens(tiny):
     """A rollin by the guide (text path) to h then the policy: the first h tokens are the guide's re-tokenized text
     and by_guide marks exactly them; a rollout by the guide keeps the policy's prefix ids and marks the rest."""
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    policy = common.load_lm(tiny["lm"], "cpu")
+    tokenizer = models.load_tokenizer(tiny["lm"])
+    policy = models.load_lm(tiny["lm"], "cpu")
     guide = guides.text_guide(lambda texts, n: [(" great great great great great great", False)] * len(texts), tokenizer)
-    samplers = {common.POLICY: common.sampler(policy, tokenizer, 0, 1.0), common.GUIDE: guide}
+    samplers = {common.POLICY: decoding.sampler(policy, tokenizer, 0, 1.0), common.GUIDE: guide}
     query, query_mask, _, _ = states(tokenizer, ["the film", "a plot", "this movie"], ["", "", ""])
     great = tokenizer(" great", add_special_tokens=False).input_ids[0]
     rng = torch.Generator().manual_seed(0)
     out = common.generate_with_restarts(samplers, query, query_mask, torch.full((3,), common.GUIDE), torch.full((3,), common.POLICY), 6, 6,
-                                        rng, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                        rng, tokenizer)
     for r, b, h in zip(out["response"], out["by_guide"], out["restart_at"].tolist()):
         assert 1 <= h <= 5 and b.tolist() == [True] * h + [False] * (6 - h) and (r[:h] == great).all()
     out = common.generate_with_restarts(samplers, query, query_mask, torch.full((3,), common.POLICY), torch.full((3,), common.GUIDE), 6, 6,
-                                        rng, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                        rng, tokenizer)
     for r, b, h in zip(out["response"], out["by_guide"], out["restart_at"].tolist()):
         assert b.tolist() == [False] * h + [True] * (6 - h) and (r[h:] == great).all() and out["response_mask"].all()
 
@@ -87,28 +87,28 @@ def test_text_restart_through_generate_with_restarts_marks_the_guide_tokens(tiny
 def test_same_tokenizer_text_guide_gives_the_token_path_tokens(tiny):
     """A local LM with the policy's own tokenizer, run through the text path, samples the tokens the token-level
     sampler samples from the same states and random stream (the tiny tokenizer's decode and encode round-trip)."""
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    model = common.load_lm(tiny["lm2"], "cpu")
+    tokenizer = models.load_tokenizer(tiny["lm"])
+    model = models.load_lm(tiny["lm2"], "cpu")
     query, query_mask, prefix, prefix_mask = states(tokenizer, ["the film was", "a plot", "this movie is"], ["great and", "", "dull"])
     budget = torch.tensor([5, 5, 5])
     torch.manual_seed(7)
-    expected = common.sampler(model, tokenizer, 0, 1.0)(query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget))
+    expected = decoding.sampler(model, tokenizer, 0, 1.0)(query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget))
     assert (expected[0] == tokenizer.eos_token_id).any()  # a row ended with the guide's own EOS
     torch.manual_seed(7)
-    got = guides.text_guide(guides.local_completer(model, common.load_tokenizer(tiny["lm2"]), 0, 1.0), tokenizer)(
+    got = guides.text_guide(guides.local_completer(model, models.load_tokenizer(tiny["lm2"]), 0, 1.0), tokenizer)(
         query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def other_tokenizer_lm(tiny, path):
     """A causal LM whose tokenizer numbers the policy's words differently (another model family, in miniature)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    vocab = common.load_tokenizer(tiny["lm"]).get_vocab()
+    vocab = models.load_tokenizer(tiny["lm"]).get_vocab()
     words = sorted(vocab, key=vocab.get)
     shuffled = {w: i for i, w in enumerate(words[:2] + words[2:][::-1])}  # the same words, other ids
-    tok = Tokenizer(models.WordLevel(shuffled, unk_token="[UNK]"))
+    tok = Tokenizer(tokenizer_models.WordLevel(shuffled, unk_token="[UNK]"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace(prepend_scheme="never")
     other = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]", pad_token="<|endoftext|>")
     torch.manual_seed(5)
@@ -122,8 +122,8 @@ def test_a_guide_with_another_tokenizer_continues_text(tiny, tmp_path):
     """A guide whose tokenizer differs from the policy's goes through the text path (no model comes back: its
     perplexities would be in other ids); ppo_pp.py trains with it, and logs the seam's re-tokenization share."""
     path = other_tokenizer_lm(tiny, tmp_path / "other")
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    guide, model = common.load_guide(path, tokenizer, {}, "cpu", torch.float32, 0, 1.0)
+    tokenizer = models.load_tokenizer(tiny["lm"])
+    guide, model = models.load_guide(types.SimpleNamespace(guide_name=path, top_k=0, guide_top_p=1.0, guide_api_base=None, fast_decoding=False), tokenizer, {}, "cpu", torch.float32)
     assert model is None and hasattr(guide, "seam")
     _, rows = run("ppo_pp", tiny, tmp_path / "runs", guide_name=path, beta=1.0, num_iterations=1)
     assert rows[1]["rlgf/guide_rollin_share"] == 1.0 and rows[1]["rlgf/guide_seam_retokenized"] == 0.0  # word-level: no seam

@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
+from conftest import iterations, run
 
 from common import GUIDE, NO_ROLLIN, POLICY
-from conftest import iterations, run
 
 # Settings that make every term of the loss matter: distinct gamma and lambda, a KL term that is not negligible, a large
 # learning rate and two epochs so that the ratio leaves the clip range, a tiny value clip range so that it binds.
@@ -26,8 +26,8 @@ CASES = {  # script, extra flags, what kind of sample each iteration holds
     "ppo_pp": ("ppo_pp", dict(beta=0.5)),
     "aggrevated": ("aggrevated", dict(beta=0.25)),
     "aggrevated-variable-length": ("aggrevated", dict(beta=0.25, min_new_tokens=1, rollouts_per_iteration=64, minibatch_size=16)),
-    "lols": ("lols", dict(alpha=0.5, beta1=0.25, beta2=0.5)),
-    "d2lols": ("d2lols", dict(alpha=1, beta1=0.25, beta2=0.5)),
+    "lols": ("lols", dict(alpha=0.5, beta_aggrevated=0.25, beta_ppo_pp=0.5)),
+    "d2lols": ("d2lols", dict(alpha=1, beta_aggrevated=0.25, beta_ppo_pp=0.5)),
 }
 
 
@@ -163,8 +163,9 @@ def test_objective_by_hand(tiny, tmp_path, recorder, case):
 def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     """The reward is the share of positive words; the guide (constant_guide) writes only positive words. Every script
     must raise the policy's own validation reward within a few iterations (a flipped sign makes it fall)."""
-    import tasks
     from conftest import PositiveWords
+
+    import tasks
 
     events = []
     monkeypatch.setattr(tasks, "load_reward", lambda *args: PositiveWords(events))

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run, tiny_args
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, tiny_args
+from plumbing import UserError, models
 
 # A tiny ppo.py run through the command line: 3 iterations, a checkpoint after each, a linear learning-rate schedule.
 FLAGS = dict(num_iterations=3, save_every=1, lr_schedule="linear", eval_size=4)
@@ -75,9 +76,9 @@ def test_killed_anywhere_then_resumed_is_the_uninterrupted_run(tiny, tmp_path, s
 def test_save_never_fails_on_the_leftovers_of_a_crash(tiny, tmp_path):
     """A checkpoint.tmp and a checkpoint.old left by a crash: the next save replaces them and succeeds."""
     import common
-    import runs
+    from plumbing import runs
 
-    tokenizer, lm = common.load_tokenizer(tiny["lm"]), common.load_lm(tiny["lm"], torch.device("cpu"))
+    tokenizer, lm = models.load_tokenizer(tiny["lm"]), models.load_lm(tiny["lm"], torch.device("cpu"))
     head = common.value_head(lm, 1, "cpu")
     optimizer = torch.optim.AdamW([*lm.parameters(), *head.parameters()])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda("constant", 1))
@@ -99,7 +100,6 @@ SCRIPTS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 def test_a_non_finite_reward_stops_the_run_and_spares_the_checkpoint(tiny, tmp_path, monkeypatch, name):
     """One NaN reward at iteration 2: one line naming it and the iteration; the iteration-1 checkpoint stays as an
     uninterrupted 1-iteration run leaves it, nothing of iteration 2 is logged, and --resume would continue from it."""
-    import common
     import tasks
 
     run(name, tiny, tmp_path / "one", num_iterations=1, save_every=1, eval_size=4)
@@ -119,7 +119,7 @@ def test_a_non_finite_reward_stops_the_run_and_spares_the_checkpoint(tiny, tmp_p
         return score
 
     monkeypatch.setattr(tasks, "load_reward", poisoned)
-    with pytest.raises(common.UserError, match=r"^iteration 2: non-finite task reward \(1 of 8 values\); stopped before the update"):
+    with pytest.raises(UserError, match=r"^iteration 2: non-finite task reward \(1 of 8 values\); stopped before the update"):
         run(name, tiny, tmp_path / "nan", num_iterations=3, save_every=1, eval_size=4)
     (nan,) = [os.path.join(tmp_path / "nan", d) for d in os.listdir(tmp_path / "nan")]
     for name in ("model.safetensors", "training_state.pt"):
@@ -149,7 +149,7 @@ def test_a_non_finite_loss_stops_before_the_optimizer_step(tiny, tmp_path, monke
     step = torch.optim.AdamW.step
     steps = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), step(self, *a, **k))[1])
-    with pytest.raises(common.UserError, match=rf"^iteration 1: non-finite {expected} \(1 of 1 values\)"):
+    with pytest.raises(UserError, match=rf"^iteration 1: non-finite {expected} \(1 of 1 values\)"):
         run(name, tiny, tmp_path, num_iterations=1)
     assert len(steps) == 2  # the two minibatch steps before the poisoned one
 

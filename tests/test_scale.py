@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
+from conftest import run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run
+from plumbing import models
 
 
 @pytest.mark.parametrize("name", ["ppo_pp", "d2lols"])
@@ -19,7 +20,7 @@ def test_bf16_is_mixed_precision_end_to_end(tiny, tmp_path, monkeypatch, name):
     import common
 
     seen = {"head_dtypes": set(), "logprobs": set(), "values": set()}
-    load, forward = common.load_reference_and_policy, common.forward
+    load, forward = models.load_reference_and_policy, common.forward
 
     def load_spy(*args, **kwargs):
         reference, policy = load(*args, **kwargs)
@@ -34,7 +35,7 @@ def test_bf16_is_mixed_precision_end_to_end(tiny, tmp_path, monkeypatch, name):
             seen["values"].add(out[1].dtype)
         return out
 
-    monkeypatch.setattr(common, "load_reference_and_policy", load_spy)
+    monkeypatch.setattr(models, "load_reference_and_policy", load_spy)
     monkeypatch.setattr(common, "forward", forward_spy)
     extra = {"alpha": 1} if name == "d2lols" else {}
     run_dir, metrics = run(name, tiny, tmp_path, num_iterations=2, dtype="bfloat16", save_every=1, **extra)
@@ -51,11 +52,10 @@ def test_bf16_is_mixed_precision_end_to_end(tiny, tmp_path, monkeypatch, name):
 
 
 def test_dtype_auto_is_float32_on_the_cpu():
-    import common
 
-    assert common.dtype_of("auto", torch.device("cpu")) == torch.float32
-    assert common.dtype_of("auto", torch.device("cuda")) == torch.bfloat16
-    assert common.dtype_of("float32", torch.device("cuda")) == torch.float32
+    assert models.dtype_of("auto", torch.device("cpu")) == torch.float32
+    assert models.dtype_of("auto", torch.device("cuda")) == torch.bfloat16
+    assert models.dtype_of("float32", torch.device("cuda")) == torch.float32
 
 
 @pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"])
@@ -75,10 +75,9 @@ def test_gradient_accumulation_is_the_whole_minibatch(tiny, tmp_path, name):
 
 
 def spy_models(monkeypatch):
-    import common
 
     seen = {}
-    load, guide = common.load_reference_and_policy, common.load_guide
+    load, guide = models.load_reference_and_policy, models.load_guide
 
     def load_spy(*args, **kwargs):
         seen["reference"], seen["policy"] = load(*args, **kwargs)
@@ -88,8 +87,8 @@ def spy_models(monkeypatch):
         sample, seen["guide"] = guide(*args, **kwargs)
         return sample, seen["guide"]
 
-    monkeypatch.setattr(common, "load_reference_and_policy", load_spy)
-    monkeypatch.setattr(common, "load_guide", guide_spy)
+    monkeypatch.setattr(models, "load_reference_and_policy", load_spy)
+    monkeypatch.setattr(models, "load_guide", guide_spy)
     return seen
 
 
@@ -97,7 +96,6 @@ def test_lora_trains_adapters_on_one_copy_of_the_base(tiny, tmp_path, monkeypatc
     """--lora-r 4: only the adapters train; the KL reference and the guide (same checkpoint) are the policy's own base
     with the adapters off, so one copy of the base weights exists, and after training they still compute exactly
     what a freshly loaded base model computes."""
-    import common
 
     seen = spy_models(monkeypatch)
     run_dir, metrics = run("ppo_pp", tiny, tmp_path, num_iterations=2, beta=0.5, lora_r=4, lora_alpha=8, save_every=1)
@@ -106,7 +104,7 @@ def test_lora_trains_adapters_on_one_copy_of_the_base(tiny, tmp_path, monkeypatc
     trained = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # B starts at zero: it moved
-    fresh = common.load_lm(tiny["lm"], torch.device("cpu"))
+    fresh = models.load_lm(tiny["lm"], torch.device("cpu"))
     base = [p for n, p in policy.named_parameters() if "lora_" not in n]
     assert sum(p.numel() for p in base) == sum(p.numel() for p in fresh.parameters())  # the base, once, and nothing else
     ids = torch.randint(3, 30, (2, 7))

@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 import torch
-
-import common
 from conftest import ROOT
+
+from plumbing import UserError, models
 from tasks import commongen, sentiment
 
 
@@ -21,19 +21,29 @@ from tasks import commongen, sentiment
 # Presets
 # ---------------------------------------------------------------------------------------------------------------
 def test_task_names_are_the_presets():
-    """--task's choices are exactly the tasks that have a preset; every preset holds the values all tasks share, but
-    for what TL;DR's Table 6 sets otherwise (gamma, the betas, LoRA), which its preset overrides."""
+    """--task's choices are exactly the tasks that have a preset. rotten-tomatoes' is empty: the scripts' own defaults
+    are its values. Every key of a preset is a flag of some script, or a script's name holding that script's own values;
+    TL;DR's Table 6 values reach the scripts that take them."""
     import typing
 
     import tasks
+    from conftest import script
 
     assert typing.get_args(tasks.Name) == tuple(tasks.TASKS) == ("rotten-tomatoes", "imdb", "commongen", "concepts", "tldr")
-    for name, preset in tasks.TASKS.items():
-        own = {"gamma", "beta_ppo_pp", "beta_aggrevated", "lora_r", "lora_alpha"} if name == "tldr" else set()
-        assert {k: v for k, v in preset.items() if k in tasks.PAPER_SHARED and k not in own} == {k: v for k, v in tasks.PAPER_SHARED.items() if k not in own}
-    tldr = tasks.TASKS["tldr"]
-    assert (tldr["gamma"], tldr["beta_ppo_pp"], tldr["beta_aggrevated"], tldr["lora_r"], tldr["lora_alpha"]) == (1.0, 0.6, 0.0, 8, 64.0)
-    assert (tldr["prompt_len"], tldr["truncation_side"], tldr["max_new_tokens"], tldr["vf_coef"], tldr["kl_coef"]) == (500, "right", 50, 0.2, 0.002)
+    assert tasks.TASKS["rotten-tomatoes"] == {}
+    names = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft", "reward_model"]
+    fields = {name: set(script(name).Args.__dataclass_fields__) for name in names}
+    for preset in tasks.TASKS.values():
+        for key, value in preset.items():
+            if isinstance(value, dict):
+                assert key in fields and set(value) <= fields[key], key
+            else:
+                assert any(key in f for f in fields.values()), key
+    ppo_pp, aggrevated, d2lols = (tasks.defaults(script(name).Args, "tldr") for name in ("ppo_pp", "aggrevated", "d2lols"))
+    assert (ppo_pp.gamma, ppo_pp.beta, ppo_pp.lora_r, ppo_pp.lora_alpha, aggrevated.beta) == (1.0, 0.6, 8, 64.0, 0.0)
+    assert (d2lols.beta_ppo_pp, d2lols.beta_aggrevated, d2lols.alpha) == (0.6, 0.0, 10)
+    assert (ppo_pp.prompt_len, ppo_pp.truncation_side, ppo_pp.max_new_tokens, ppo_pp.vf_coef, ppo_pp.kl_coef) == (500, "right", 50, 0.2, 0.002)
+    assert tasks.defaults(script("reward_model").Args, "tldr").lora_r == 32
 
 
 def test_eval_split_without_pairs_is_one_line(tiny):
@@ -43,9 +53,9 @@ def test_eval_split_without_pairs_is_one_line(tiny):
     import tasks
 
     args = SimpleNamespace(task="commongen", dataset_name=tiny["common_gen"], eval_split="test")
-    with pytest.raises(common.UserError, match="--eval-split test: .* has no pairs there"):
-        tasks.load_data(args, common.load_tokenizer(tiny["t5"]))
-    data, _ = tasks.load_data(SimpleNamespace(**{**vars(args), "eval_split": "validation"}), common.load_tokenizer(tiny["t5"]))
+    with pytest.raises(UserError, match="--eval-split test: .* has no pairs there"):
+        tasks.load_data(args, models.load_tokenizer(tiny["t5"]))
+    data, _ = tasks.load_data(SimpleNamespace(**{**vars(args), "eval_split": "validation"}), models.load_tokenizer(tiny["t5"]))
     assert data["validation"] and not data["test"]
 
 
@@ -54,7 +64,7 @@ def test_eval_split_without_pairs_is_one_line(tiny):
 # ---------------------------------------------------------------------------------------------------------------
 def test_imdb_path_on_local_copies(tiny):
     """Prompt = the first half of the review's words, its last prompt_len tokens; reference = the continuation."""
-    tokenizer = common.load_tokenizer(tiny["lm"])
+    tokenizer = models.load_tokenizer(tiny["lm"])
     data, labelled = sentiment.load_imdb(tiny["imdb"], tokenizer, prompt_len=5, max_new_tokens=4)
     assert len(data["train"]) == 64 and len(data["validation"]) == len(data["test"]) == 24
     originals = {text for text, _ in labelled["train"]}
@@ -89,7 +99,7 @@ def test_bag_of_words_is_the_same_in_every_process(tmp_path):
     """Trained and scored in two processes with different string hash seeds (so sets of words iterate in different
     orders), the reward is the same to the last bit: one seed fixes a run, across processes too."""
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r}); import common, test_tasks; "
-            "from tasks import sentiment; common.CACHE_DIR = sys.argv[1]; "
+            "from tasks import sentiment; models.CACHE_DIR = sys.argv[1]; "
             "labelled = {'train': test_tasks._reviews(120, 0), 'validation': test_tasks._reviews(40, 1)}; "
             "model = sentiment.BagOfWordsSentiment(labelled); print(model.score([t for t, _ in labelled['validation']]).tolist(), model.weight.sum().item())")
     outputs = []
@@ -103,7 +113,7 @@ def test_bag_of_words_is_the_same_in_every_process(tmp_path):
 def test_bag_of_words_learns_and_caches(tmp_path, monkeypatch):
     """Positive texts score above negative ones, validation has accuracy/auc, and a second construction loads the
     cache file (no training) with identical outputs."""
-    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "CACHE_DIR", str(tmp_path / "cache"))
     labelled = {"train": _reviews(120, 0), "validation": _reviews(40, 1)}
     model = sentiment.BagOfWordsSentiment(labelled)
     assert set(model.validation) >= {"accuracy", "auc"}

@@ -8,9 +8,11 @@ import types
 
 import pytest
 import torch
-
-from conftest import NEGATIVE, POSITIVE, run, script
+from conftest import NEGATIVE, POSITIVE, args_for, run, script
 from test_cli import cli
+
+from plumbing import models
+from tasks import learned_reward
 
 
 def train_reward_model(tiny, tmp_path, **overrides):
@@ -19,7 +21,7 @@ def train_reward_model(tiny, tmp_path, **overrides):
     values = dict(task="tldr", dataset_name=tiny["comparisons"], model_name=tiny["lm"], output_dir=str(tmp_path), device="cpu", lora_r=0,
                   learning_rate=3e-3, batch_size=8, num_epochs=3.0, max_length=48, eval_size=32)
     values.update(overrides)
-    module.main(module.Args(**values))
+    module.main(args_for(module, values.pop("task"), **values))
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("tldr__reward_model")]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return os.path.join(run_dir, "checkpoint"), [json.loads(line) for line in f]
@@ -42,13 +44,11 @@ def test_bradley_terry_loss_and_pair_accuracy():
 
 
 def test_the_reward_reads_the_last_real_token_whatever_the_padding(tiny):
-    import common
-    import reward_model
 
-    assert reward_model.last_real_index(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [3, 2, 0]
+    assert learned_reward.last_real_index(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [3, 2, 0]
     torch.manual_seed(0)
-    model = reward_model.RewardModel(reward_model.load_trunk(tiny["lm"])).eval()
-    tokenizer = common.load_tokenizer(tiny["lm"])
+    model = learned_reward.RewardModel(learned_reward.load_trunk(tiny["lm"])).eval()
+    tokenizer = models.load_tokenizer(tiny["lm"])
     texts = ["great fun", "the film was dull and the plot a mess", "superb", "boring tedious film with the actors"]
     scores = {}
     for side in ("left", "right"):
@@ -66,21 +66,18 @@ def test_the_trunk_keeps_tied_embeddings_saved_as_the_lm_head(tiny, tmp_path):
     checkpoint): the reward model's trunk gets the LM's embeddings, not random ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import common
-    import reward_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)
-    common.save_checkpoint_model(LlamaForCausalLM(config), common.load_tokenizer(tiny["lm"]), str(tmp_path / "tied"))
-    lm = common.load_lm(str(tmp_path / "tied"), "cpu")
+    models.save_checkpoint_model(LlamaForCausalLM(config), models.load_tokenizer(tiny["lm"]), str(tmp_path / "tied"))
+    lm = models.load_lm(str(tmp_path / "tied"), "cpu")
     torch.manual_seed(1)
-    trunk = reward_model.load_trunk(str(tmp_path / "tied"))
+    trunk = learned_reward.load_trunk(str(tmp_path / "tied"))
     assert torch.equal(trunk.embed_tokens.weight, lm.model.embed_tokens.weight)
 
 
 def test_the_reward_model_trains_and_its_checkpoint_scores_as_trained(tiny, tmp_path, reward_dir):
-    import reward_model
 
     checkpoint, rows = reward_dir
     before, after = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
@@ -88,7 +85,7 @@ def test_the_reward_model_trains_and_its_checkpoint_scores_as_trained(tiny, tmp_
     assert rows[1]["loss/bradley_terry"] > rows[-2]["loss/bradley_terry"]
     info = json.load(open(os.path.join(checkpoint, "reward_model.json")))
     assert info["accuracy_after"] == round(after, 4) and info["base"] == tiny["lm"]
-    reward = reward_model.LearnedReward(checkpoint, torch.device("cpu"))
+    reward = learned_reward.LearnedReward(checkpoint, torch.device("cpu"))
     pairs = [json.loads(line) for line in open(os.path.join(tiny["comparisons"], "test.jsonl"))]
     chosen = reward([p["prompt"] + "\n" for p in pairs], [p["chosen"] for p in pairs])
     rejected = reward([p["prompt"] + "\n" for p in pairs], [p["rejected"] for p in pairs])
@@ -97,12 +94,11 @@ def test_the_reward_model_trains_and_its_checkpoint_scores_as_trained(tiny, tmp_
 
 
 def test_a_lora_reward_model_saves_its_adapter_and_loads_merged(tiny, tmp_path):
-    import reward_model
 
     checkpoint, rows = train_reward_model(tiny, tmp_path, lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
     assert os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) and not os.path.isfile(os.path.join(checkpoint, "model.safetensors"))
     assert rows[-1]["eval/accuracy"] > rows[0]["eval/accuracy"]
-    reward = reward_model.LearnedReward(checkpoint, torch.device("cpu"))
+    reward = learned_reward.LearnedReward(checkpoint, torch.device("cpu"))
     pairs = [json.loads(line) for line in open(os.path.join(tiny["comparisons"], "test.jsonl"))]
     chosen = reward([p["prompt"] + "\n" for p in pairs], [p["chosen"] for p in pairs])
     rejected = reward([p["prompt"] + "\n" for p in pairs], [p["rejected"] for p in pairs])
@@ -112,15 +108,14 @@ def test_a_lora_reward_model_saves_its_adapter_and_loads_merged(tiny, tmp_path):
 @pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"])
 def test_tldr_runs_every_algorithm_with_the_presets_lora(tiny, tmp_path, reward_dir, name, monkeypatch):
     """--task tldr end to end on local files: the preset's LoRA (r 8), gamma 1.0, the learned reward, ROUGE."""
-    import common
 
-    seen, lora = {}, common.lora
+    seen, lora = {}, models.lora
 
     def lora_spy(model, args):
         seen["lora"] = (args.lora_r, args.lora_alpha, args.gamma, args.kl_coef, args.vf_coef)
         return lora(model, args)
 
-    monkeypatch.setattr(common, "lora", lora_spy)
+    monkeypatch.setattr(models, "lora", lora_spy)
     run_dir, rows = run(name, tiny, tmp_path, task="tldr", dataset_name=tiny["tldr"], reward_model_name=reward_dir[0], num_iterations=1,
                         min_new_tokens=0, prompt_len=24, truncation_side=None, eval_size=6, **({"alpha": 1} if name == "d2lols" else {}))
     assert seen["lora"] == (8, 64.0, 1.0, 0.002, 0.2)
@@ -182,8 +177,8 @@ def test_best_of_n_keeps_the_rewards_argmax(tiny):
     """N samples per prompt; the kept one is the argmax of the reward among that prompt's N (here: its count of POSITIVE words)."""
     import common
 
-    tokenizer = common.load_tokenizer(tiny["lm"])
-    eval_lm = common.frozen(common.load_lm(tiny["lm"], torch.device("cpu")))
+    tokenizer = models.load_tokenizer(tiny["lm"])
+    eval_lm = models.frozen(models.load_lm(tiny["lm"], torch.device("cpu")))
     words = POSITIVE + NEGATIVE
     drawn, calls = [], []
 
@@ -229,11 +224,10 @@ def test_a_judge_gives_the_win_rate_in_the_evaluation(tiny, tmp_path, reward_dir
 
 def test_a_learned_reward_model_replaces_the_tasks_reward(tiny, tmp_path, reward_dir):
     """--reward-model-name DIR of reward_model.py on another task (the imdb code path): the run's reward is its raw score."""
-    import reward_model
     import tasks
 
     args = types.SimpleNamespace(task="imdb", reward_model_name=reward_dir[0], dtype="float32", seed=1)
-    assert isinstance(tasks.load_reward(args, None, None, torch.device("cpu")), reward_model.LearnedReward)
+    assert isinstance(tasks.load_reward(args, None, None, torch.device("cpu")), learned_reward.LearnedReward)
     _, rows = run("ppo", tiny, tmp_path, reward_model_name=reward_dir[0], num_iterations=1)
     assert all(math.isfinite(r["eval/reward"]) for r in rows)
 

@@ -20,7 +20,11 @@ import zipfile
 import torch
 from safetensors import safe_open
 
-from common import UserError, broadcast, check, gather_lists, is_main, processes, total, wait_for_everyone
+from tqdm.auto import tqdm
+
+from plumbing import UserError, check, check_probability
+from plumbing.models import save_checkpoint_model
+from plumbing.parallel import broadcast, gather_lists, is_main, processes, total, wait_for_everyone
 
 # What --resume may change: nothing the run has learned so far depends on these. (With --lr-schedule linear, a new
 # --num-iterations stretches the rest of the schedule.)
@@ -30,38 +34,93 @@ RESUMABLE = ("resume", "num_iterations", "eval_every", "save_every", "device", "
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------------------------
-def cli(main, args_class):
-    """Parse the dataclass with tyro, run main(args); bad input ends with a one-line error and exit status 2.
-    With --resume DIR, a flag not typed takes the run's recorded value (DIR/args.json), so `--resume DIR` is enough."""
-    import tyro
-
+def cli(main, args_class, defaults=None):
+    """Parse the command line (parse) and run main(args); bad input ends with a one-line error and exit status 2."""
     if not is_main():  # under accelerate launch, only the main process prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     try:
-        check_choices(args_class, sys.argv[1:])
-        args = tyro.cli(args_class)
-        if args.resume:
-            check_script(args)
-            typed = {a[2:].partition("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
-            typed |= {name[3:] for name in typed if name.startswith("no_")}  # --no-tensorboard
-            for name, value in record(args.resume).items():
-                if name not in typed and hasattr(args, name):
-                    setattr(args, name, value)
-        main(args)
+        main(parse(args_class, sys.argv[1:], defaults))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse(args_class, argv, defaults=None):
+    """The flags with tyro. defaults(args_class, task) gives their defaults for --task (tasks.defaults: the task's
+    preset over the script's own), so that --help with --task X shows X's values. With --resume DIR, a flag not typed
+    takes the run's recorded value (DIR/args.json), so `--resume DIR` is enough."""
+    import tyro
+
+    check_choices(args_class, argv)
+    resume = typed_value(argv, "--resume")
+    if defaults is None:
+        default = args_class()
+    else:
+        task = typed_value(argv, "--task") or (record(resume).get("task") if resume else None) or args_class().task
+        default = defaults(args_class, task)
+    args = tyro.cli(args_class, default=default, args=argv)
+    if args.resume:
+        check_script(args)
+        typed = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        typed |= {name[3:] for name in typed if name.startswith("no_")}  # --no-tensorboard
+        for name, value in record(args.resume).items():
+            if name not in typed and hasattr(args, name):
+                setattr(args, name, value)
+    check_args(args)
+    return args
+
+
+def typed_value(argv, flag):
+    """The value typed for --flag (tyro takes --eval-split X, --eval_split X, --eval-split=X), or None."""
+    for arg, after in zip(argv, argv[1:] + [None]):
+        name, equals, inline = arg.partition("=")
+        if name.replace("_", "-") == flag:
+            return inline if equals else after
+    return None
 
 
 def check_choices(args_class, argv):
     """A flag typed with its choices (Literal: --task, --eval-split) given another value: one line, not tyro's box."""
     for field in dataclasses.fields(args_class):
         if typing.get_origin(field.type) is typing.Literal:
-            flag, choices = "--" + field.name.replace("_", "-"), typing.get_args(field.type)
-            for arg, after in zip(argv, argv[1:] + [None]):
-                name, equals, inline = arg.partition("=")  # tyro takes --eval-split, --eval_split, --eval-split=test
-                value = (inline if equals else after) if name.replace("_", "-") == flag else None
-                check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
+            choices = typing.get_args(field.type)
+            value = typed_value(argv, "--" + field.name.replace("_", "-"))
+            check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
+
+
+def check_args(args):
+    """One-line errors for bad values of the flags this script has."""
+    has = lambda name: getattr(args, name, None) is not None  # noqa: E731
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        check(not isinstance(value, float) or math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("num_iterations", "eval_every", "save_every", "top_k", "kl_coef", "vf_coef", "mle_coef"):
+        if has(name):
+            check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams", "eval_best_of"):
+        if has(name):
+            check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if has("max_new_tokens"):
+        check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
+    if has("rollouts_per_iteration"):
+        check(args.rollouts_per_iteration % args.minibatch_size == 0, "--rollouts-per-iteration must be a multiple of --minibatch-size")
+    if has("gradient_accumulation_steps"):
+        check(args.gradient_accumulation_steps >= 1 and args.minibatch_size % args.gradient_accumulation_steps == 0,
+              "--gradient-accumulation-steps must be >= 1 and divide --minibatch-size")
+        n = processes()[1]  # accelerate launch --num_processes n: each process takes 1/n of every minibatch
+        check(args.minibatch_size % (n * args.gradient_accumulation_steps) == 0,
+              f"--minibatch-size must be a multiple of the {n} processes x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
+    for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
+        if has(name):
+            check_probability(getattr(args, name), f"--{name.replace('_', '-')}")
+    for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate", "max_grad_norm", "clip_range", "vf_clip_range"):
+        if has(name):
+            check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    if has("lora_r"):
+        check(args.lora_r >= 0 and args.lora_alpha > 0 and 0 <= getattr(args, "lora_dropout", 0.0) < 1,
+              "--lora-r must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1)")
+    check(getattr(args, "eval_best_of", 1) == 1 or args.eval_num_beams == 1, "--eval-best-of needs sampled evaluations (--eval-num-beams 1)")
+    check(getattr(args, "eval_judge", None) is None or args.task == "tldr", "--eval-judge: the judged win rate is a tldr metric (--task tldr)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,8 +266,6 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
     removed. A crash at any point leaves a complete checkpoint that recover_checkpoint finds; leftovers of an
     earlier crash never make a save fail. Under accelerate launch the main process writes it, with the random streams
     of every process."""
-    from common import save_checkpoint_model
-
     streams = gather_lists([dict(torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
                                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)])
     if not is_main():
@@ -283,3 +340,8 @@ def load_training_state(path, value_head, optimizer, scheduler, rng):
         torch.cuda.set_rng_state_all(streams["cuda_rng"])
     print(f"resuming {path} after iteration {state['iteration']}")
     return state["iteration"]
+
+
+def progress(count, initial, desc):
+    """The run's progress bar (the main process's only)."""
+    return tqdm(total=count, initial=initial, desc=desc, dynamic_ncols=True, disable=not is_main())

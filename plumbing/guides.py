@@ -10,14 +10,16 @@ policy-tokenizer ids, and by_guide marks exactly the tokens that came from the g
 
 The seam: prefix ids + ids(continuation) need not be ids(prefix text + continuation) (a word split across the
 restart point re-tokenizes otherwise). The guide counts the states where they differ; the scripts log the share as
-rlgf/guide_seam_retokenized (common.seam_stats)."""
+rlgf/guide_seam_retokenized (seam_stats)."""
 
 import concurrent.futures
 import os
 
 import torch
 
-from common import UserError, check, sample
+from plumbing import UserError, check
+from plumbing.decoding import sample
+from plumbing.parallel import device_of, total
 
 ASKS = 4  # a guide that stops before the sample's minimum length is asked to continue, at most this many times in all
 
@@ -105,3 +107,15 @@ def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3
             raise UserError(f"{where} {api_base}: the server refused the request (HTTP {e.status_code}: {e.message})") from None
 
     return complete
+
+
+def seam_stats(guide):
+    """{rlgf/guide_seam_retokenized: the share of restart states, since the last call and over all processes, whose
+    kept prefix + the guide's re-tokenized continuation differ from the tokens of the two as one text} for a guide
+    that continues text (guides.py); {} for one that continues token ids."""
+    seam = getattr(guide, "seam", None)
+    if seam is None:
+        return {}
+    counts = total(torch.tensor([seam["states"], seam["retokenized"]], device=device_of("auto")))
+    seam.update(states=0, retokenized=0)
+    return {"rlgf/guide_seam_retokenized": (counts[1] / counts[0].clamp(min=1)).item()}
