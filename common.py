@@ -47,41 +47,49 @@ def decode_responses(tokenizer, response, response_mask):
 # ---------------------------------------------------------------------------------------------------------------
 # Generation with restarts (paper Fig. 2): rollin, restart at h, rollout from the restart state.
 # ---------------------------------------------------------------------------------------------------------------
-def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, tokenizer):
-    """Paper Fig. 2 for a batch. samplers: {POLICY: fn, GUIDE: fn} (plumbing/decoding.py's `sampler`). Per sample, rollin_by is
-    NO_ROLLIN, POLICY or GUIDE and rollout_by is POLICY or GUIDE.
+def generate_with_restarts(
+    samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, tokenizer
+):
+    """Paper Fig. 2 for a batch. samplers: {POLICY: fn, GUIDE: fn} (plumbing/decoding.py's `sampler`); the tokenizer
+    gives the pad and EOS ids. Per sample, rollin_by is NO_ROLLIN, POLICY or GUIDE; rollout_by is POLICY or GUIDE.
       1. rollin: the rollin policy generates a complete response;
       2. restart: h ~ Uniform{1, ..., L-1} (L = the rollin's length; h = 0 without a rollin, or when L < 2). A rollin of
-         pi_theta that ended with its own EOS allows h = L too: stopping is one of pi_theta's actions, and
-         AggreVaTeD must be able to score it (its Q is the final reward: nothing is left for the guide);
+         pi_theta that ended with its own EOS allows h = L too: stopping is one of pi_theta's actions, and AggreVaTeD
+         must be able to score it (its Q is the final reward: nothing is left for the guide);
       3. rollout: the rollout policy continues from (prompt, first h rollin tokens), one prefill, to the length budget,
          unless the kept prefix already ends with EOS.
-    With a fixed length (min = max), L is known before the rollin, so h is drawn first and the rollin stops at h.
-    Returns dict(response [B, N], response_mask, by_guide (which tokens the guide generated), restart_at = h)."""
+    With a fixed length (min = max), L is known before the rollin, so h is drawn first and the rollin stops at h; a
+    rollin that stops sooner (a guide that chose to stop) restarts where its own tokens end, never after an EOS.
+    Returns dict(response [B, N], response_mask, by_guide (which tokens the guide generated), restart_at = h,
+    short_rollin: the rollins that stopped before their drawn h)."""
     batch, device, pad_id, eos_id = query.shape[0], query.device, tokenizer.pad_token_id, tokenizer.eos_token_id
     n = max_new_tokens
     response = torch.full((batch, n), pad_id, dtype=torch.long, device=device)
     by_guide = torch.zeros((batch, n), dtype=torch.bool, device=device)
     restart_at = torch.zeros(batch, dtype=torch.long, device=device)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # the kept rollin ends with pi_theta's EOS: no rollout
+    short_rollin = torch.zeros(batch, dtype=torch.bool, device=device)
     fixed_length = min_new_tokens >= max_new_tokens
-    has_rollin = rollin_by != NO_ROLLIN
     uniform = torch.rand(batch, generator=rng).to(device)  # one draw per sample, used only where it has a rollin
-    no_prefix = query.new_zeros((batch, 0)), query_mask.new_zeros((batch, 0))
+    empty = query.new_zeros((batch, 0))  # no response prefix: a rollin starts from the prompt
     if fixed_length and n >= 2:
-        restart_at = torch.where(has_rollin, 1 + (uniform * (n - 1)).long(), 0)
+        restart_at = torch.where(rollin_by != NO_ROLLIN, 1 + (uniform * (n - 1)).long(), 0)
     for who in (POLICY, GUIDE):  # 1. rollin
         idx = (rollin_by == who).nonzero().squeeze(1)
         if len(idx) == 0:
             continue
         budget = restart_at[idx] if fixed_length else torch.full_like(idx, n)
         minimum = budget if fixed_length else torch.full_like(idx, min_new_tokens)
-        tokens, lengths = samplers[who](query[idx], query_mask[idx], no_prefix[0][idx], no_prefix[1][idx], budget, minimum)
-        response[idx, : tokens.shape[1]] = tokens
+        rollin, lengths = samplers[who](query[idx], query_mask[idx], empty[idx], empty[idx].bool(), budget, minimum)
+        response[idx, : rollin.shape[1]] = rollin
         by_guide[idx] = who == GUIDE
-        if not fixed_length:  # 2. restart: h ~ U{1, ..., choices}
-            last = tokens[torch.arange(len(idx), device=device), (lengths - 1).clamp(min=0)]
-            stopped = (lengths >= 1) & (last == eos_id) & (who == POLICY)
+        stopped = (lengths >= 1) & (rollin[torch.arange(len(idx), device=device), (lengths - 1).clamp(min=0)] == eos_id)
+        if fixed_length:  # 2. restart at the drawn h, or where a rollin that stopped sooner ends (before its EOS)
+            own = lengths - stopped.long()
+            short_rollin[idx] = own < restart_at[idx]
+            restart_at[idx] = torch.minimum(restart_at[idx], own)
+        else:  # 2. restart: h ~ U{1, ..., choices}
+            stopped &= who == POLICY
             choices = lengths - 1 + stopped.long()
             restart_at[idx] = torch.where(choices >= 1, 1 + (uniform[idx] * choices.clamp(min=1)).long(), 0)
             ended[idx] = stopped & (restart_at[idx] == lengths)
@@ -95,15 +103,24 @@ def generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, m
         idx = ((rollout_by == who) & ~ended).nonzero().squeeze(1)
         if len(idx) == 0:
             continue
-        budget = n - restart_at[idx]
-        tokens, new = samplers[who](query[idx], query_mask[idx], prefix[idx], prefix_mask[idx], budget, (min_new_tokens - restart_at[idx]).clamp(min=0))
+        budget, minimum = n - restart_at[idx], (min_new_tokens - restart_at[idx]).clamp(min=0)
+        rollout, new = samplers[who](query[idx], query_mask[idx], prefix[idx], prefix_mask[idx], budget, minimum)
         for j, i in enumerate(idx.tolist()):
             h, k = restart_at[i].item(), new[j].item()
-            response[i, h : h + k] = tokens[j, :k]
+            response[i, h : h + k] = rollout[j, :k]
             by_guide[i, h : h + k] = who == GUIDE
         lengths[idx] += new
     response_mask = torch.arange(n, device=device)[None] < lengths[:, None]
-    return dict(response=response, response_mask=response_mask, by_guide=by_guide, restart_at=restart_at)
+    return dict(response=response, response_mask=response_mask, by_guide=by_guide, restart_at=restart_at,
+                short_rollin=short_rollin)  # fmt: skip
+
+
+def restart_stats(rollout, rollin_by):
+    """The restarts' logged figures: the mean restart point h of the samples that roll in, and the share of them whose
+    rollin stopped before its drawn h (a guide that chose to stop early; it restarts where its tokens end)."""
+    rolled_in = rollin_by != NO_ROLLIN
+    return {"rlgf/restart_mean": masked_mean(rollout["restart_at"].float(), rolled_in).item(),
+            "rlgf/short_rollin_share": masked_mean(rollout["short_rollin"].float(), rolled_in).item()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,12 +149,21 @@ def _logits(model, query, query_mask, response, response_mask, hidden=False):
     config = model.module.config if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.config
     if config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
         start = response.new_full((len(response), 1), config.decoder_start_token_id)
-        out = model(input_ids=query, attention_mask=query_mask.long(), decoder_input_ids=torch.cat([start, response[:, :-1]], 1),
-                    decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1), output_hidden_states=hidden)
+        out = model(
+            input_ids=query,
+            attention_mask=query_mask.long(),
+            decoder_input_ids=torch.cat([start, response[:, :-1]], 1),
+            decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1),
+            output_hidden_states=hidden,
+        )
         return out.logits.float(), out.decoder_hidden_states[-1] if hidden else None
     mask = torch.cat([query_mask, response_mask], 1).long()  # one sequence: position Lq - 1 + t predicts response[t]
-    out = model(input_ids=torch.cat([query, response], 1), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                output_hidden_states=hidden)
+    out = model(
+        input_ids=torch.cat([query, response], 1),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        output_hidden_states=hidden,
+    )
     start = query.shape[1] - 1
     return out.logits[:, start:-1].float(), out.hidden_states[-1][:, start:-1] if hidden else None
 
@@ -259,37 +285,43 @@ def evaluate(generate, model, eval_lm, tokenizer, reward_fn, pairs, args, device
     rank, count = processes()
     pairs = pairs[rank * len(pairs) // count : (rank + 1) * len(pairs) // count]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    texts, kl, best, best_of = [], [], [], getattr(args, "eval_best_of", 1)
+    texts, kl, best, n_best = [], [], [], getattr(args, "eval_best_of", 1)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
-            q, qm = tokenize_prompts(tokenizer, prompts[i : i + batch_size], args.prompt_len, args.truncation_side, device)
-            q, qm = q.repeat_interleave(best_of, 0), qm.repeat_interleave(best_of, 0)  # N copies of each prompt, side by side
-            n = len(q)
-            tokens, lengths = generate(q, qm, q.new_zeros((n, 0)), qm.new_zeros((n, 0)), torch.full((n,), args.max_new_tokens, device=device),
-                                       torch.full((n,), args.min_new_tokens, device=device))
+            chunk = prompts[i : i + batch_size]
+            q, qm = tokenize_prompts(tokenizer, chunk, args.prompt_len, args.truncation_side, device)
+            q, qm = q.repeat_interleave(n_best, 0), qm.repeat_interleave(n_best, 0)  # N copies of each prompt
+            budget, minimum = (
+                torch.full((len(q),), n, device=device) for n in (args.max_new_tokens, args.min_new_tokens)
+            )
+            tokens, lengths = generate(q, qm, q[:, :0], qm[:, :0], budget, minimum)
             mask = torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]
             batch_texts = decode_responses(tokenizer, tokens, mask)
-            if best_of > 1:
-                scores = reward_fn([p for p in prompts[i : i + batch_size] for _ in range(best_of)], batch_texts).view(-1, best_of)
+            if n_best > 1:  # keep the sample of each prompt that the reward scores highest
+                scores = reward_fn([p for p in chunk for _ in range(n_best)], batch_texts).view(-1, n_best)
                 best += scores.max(1).values.tolist()  # the kept samples' rewards: no second scoring below
-                keep = (scores.argmax(1) + torch.arange(len(scores)) * best_of).tolist()
-                q, qm, tokens, mask, batch_texts, n = q[keep], qm[keep], tokens[keep], mask[keep], [batch_texts[j] for j in keep], len(keep)
+                keep = (scores.argmax(1) + torch.arange(len(scores)) * n_best).tolist()
+                q, qm, tokens, mask = q[keep], qm[keep], tokens[keep], mask[keep]
+                batch_texts = [batch_texts[j] for j in keep]
             texts += batch_texts
-            if model is not None and reference is not None:
-                kl += kl_from_reference(model, reference, q, qm, tokens, mask).tolist() if model is not reference else [0.0] * n
-    rewards = reward_fn(prompts, texts) if best_of == 1 else torch.tensor(best)
-    perplexities = {"eval/perplexity": perplexity(model, tokenizer, prompts, references, args, device)} if model is not None else {}
-    perplexities["eval/output_perplexity"] = perplexity(eval_lm, tokenizer, prompts, texts, args, device)
+            if model is not None and reference is not None and model is not reference:
+                kl += kl_from_reference(model, reference, q, qm, tokens, mask).tolist()
+            elif model is not None and model is reference:  # pi_0 itself
+                kl += [0.0] * len(q)
+    rewards = reward_fn(prompts, texts) if n_best == 1 else torch.tensor(best)
+    metrics = {"eval/output_perplexity": perplexity(eval_lm, tokenizer, prompts, texts, args, device)}
+    if model is not None:
+        metrics["eval/perplexity"] = perplexity(model, tokenizer, prompts, references, args, device)
     if count > 1:  # every process's share, in order
         prompts, texts, kl = gather_lists(prompts), gather_lists(texts), gather_lists(kl)
         rewards = torch.tensor(gather_lists(rewards.tolist()), dtype=rewards.dtype)
-    metrics = {"eval/reward": rewards.mean().item(), **{f"eval/{k}": v for k, v in task_metrics(reward_fn, prompts, texts).items()}}
+    metrics["eval/reward"] = rewards.mean().item()
+    metrics |= {f"eval/{k}": v for k, v in task_metrics(reward_fn, prompts, texts).items()}
     if kl:
         metrics["eval/kl"] = sum(kl) / len(kl)
-    metrics.update(perplexities)
-    samples = [dict(prompt=p, generation=t, reward=round(r, 4)) for p, t, r in zip(prompts[:4], texts[:4], rewards[:4].tolist())]
-    return metrics, samples
+    samples = [dict(prompt=p, generation=t, reward=round(r, 4)) for p, t, r in zip(prompts, texts, rewards.tolist())]
+    return metrics, samples[:4]
 
 
 # ---------------------------------------------------------------------------------------------------------------

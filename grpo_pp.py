@@ -13,7 +13,7 @@ import torch
 import common
 import tasks
 from common import GUIDE, NO_ROLLIN, POLICY
-from plumbing import check, check_probability, decoding, guides, models, parallel, runs
+from plumbing import check, decoding, guides, models, parallel, runs
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     task: tasks.Name = "rotten-tomatoes"
-    """rotten-tomatoes (the default) and concepts run offline; imdb, commongen and tldr (the paper's) need the hub or local copies"""
+    """rotten-tomatoes and concepts run offline; the paper's imdb, commongen and tldr need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
 
@@ -34,7 +34,7 @@ class Args:
     model_name: str = "smollm2-135m"
     """the starting policy pi_0 (also the frozen KL reference): hub name, local directory or smollm2-135m"""
     reward_model_name: Optional[str] = "bow-logreg"
-    """the task reward: a classifier (hub name, local directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
+    """the task reward: a classifier (hub name or directory), bow-logreg, cider-d, or a reward_model.py checkpoint"""
     eval_lm_name: str = "smollm2-135m"
     """the fixed general LM that measures output perplexity"""
     prompt_len: int = 32
@@ -49,10 +49,8 @@ class Args:
     """top-k of pi_theta's sampling (0: off)"""
     top_p: float = 1.0
     """nucleus mass of pi_theta's sampling (1: off)"""
-
-    # The guide
     guide_name: Optional[str] = None
-    """the guide pi_g, frozen: a model (default: --model-name, the SFT model), openai:MODEL (a served model) or a black-box `module:function`"""
+    """the frozen guide pi_g (unset: --model-name, the SFT model): a model, openai:MODEL (served), `module:function`"""
     guide_api_base: Optional[str] = None
     """with --guide-name openai:MODEL: the server's URL, e.g. http://127.0.0.1:8000/v1 (the key: $OPENAI_API_KEY)"""
     guide_top_p: float = 0.92
@@ -62,7 +60,8 @@ class Args:
     beta_schedule: Literal["constant", "linear"] = "constant"
     """linear: the guide's share falls from beta at the first iteration to 0 after the last (hints that anneal)"""
     guide_when_all_fail: Optional[float] = None
-    """T: every sample is first pi_theta's own; only the groups whose samples all scored below T are sampled again with guide rollins"""
+    """T: every sample is first pi_theta's own; in a group whose samples all scored below T, the members that drew a
+    guide rollin (probability beta) are sampled again with it, the others keep their own (None: off)"""
 
     # GRPO
     num_iterations: int = 12
@@ -102,7 +101,7 @@ class Args:
     eval_best_of: int = 1
     """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
     eval_judge: Optional[str] = None
-    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
+    """tldr: the LLM judging the win rate against the references: a model, or openai:MODEL at $OPENAI_BASE_URL"""
     eval_judge_prompt: Optional[str] = None
     """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
     save_every: int = 4
@@ -112,9 +111,9 @@ class Args:
     device: str = "auto"
     """cuda if available, else cpu; or any torch device"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
+    """auto: bfloat16 on CUDA (mixed precision: fp32 trained weights, bf16 frozen models), float32 elsewhere"""
     fast_decoding: bool = False
-    """CUDA, causal LMs: sampling over a static KV cache with a compiled one-token step (not yet measured on a GPU: off by default)"""
+    """CUDA, causal LMs: sample over a static KV cache with a compiled one-token step (off until measured on a GPU)"""
     lora_r: int = 0
     """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
     lora_alpha: float = 16.0
@@ -135,9 +134,9 @@ class Args:
 
 def main(args):
     args.guide_name = args.guide_name or args.model_name
-    check_probability(args.beta, "--beta")
-    check(args.group_size >= 2 and args.rollouts_per_iteration % (args.group_size * parallel.processes()[1]) == 0,
-                 "--group-size must be >= 2 and divide each process's share of --rollouts-per-iteration")
+    share = args.rollouts_per_iteration // parallel.processes()[1]  # each process's episodes: whole groups of G
+    message = f"--group-size must be >= 2 and divide each process's share of --rollouts-per-iteration ({share})"
+    check(args.group_size >= 2 and share % args.group_size == 0, message)
     models.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name", "guide_name"])
     path = runs.run_dir(args)
     rank, processes = parallel.processes()  # accelerate launch --num_processes N: each process takes 1/N of every batch
@@ -153,57 +152,63 @@ def main(args):
     frozen_lms = {args.model_name: reference}  # one frozen copy serves every role that names the same checkpoint
     eval_lm = models.load_frozen_lm(args.eval_lm_name, frozen_lms, device, dtype)
     value_head = None  # no critic
-    guide_sampler, guide = models.load_guide(args, tokenizer, frozen_lms, device, dtype)
-    samplers = {POLICY: decoding.sampler(policy, tokenizer, args.top_k, args.top_p, fast=args.fast_decoding), GUIDE: guide_sampler}
+    samplers = {POLICY: decoding.sampler(policy, tokenizer, args.top_k, args.top_p, fast=args.fast_decoding)}
+    samplers[GUIDE], guide = models.load_guide(args, tokenizer, frozen_lms, device, dtype)
 
-    optimizer = torch.optim.AdamW([{"params": policy.parameters()}],
-                                  lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    params = [{"params": policy.parameters()}]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = runs.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
-    ddp_policy, ddp_value_head = parallel.data_parallel(policy, value_head)  # the update's passes: gradients averaged over processes
+    # (plumbing) the update's passes run through these wrappers, which average the gradients over the processes
+    ddp_policy, ddp_value_head = parallel.data_parallel(policy, value_head)
     logger = runs.Logger(path, args, start, args.tensorboard, args.track)
     train, eval_pairs = data["train"], data[args.eval_split][: args.eval_size]
 
-    eval_sampler = decoding.sampler(policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams, fast=args.fast_decoding)
+    eval_sampler = decoding.sampler(
+        policy, tokenizer, args.top_k, args.top_p, num_beams=args.eval_num_beams, fast=args.fast_decoding
+    )
 
-    def evaluate():
-        return common.evaluate(eval_sampler, policy, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
+    def evaluate(generate=eval_sampler, model=policy):
+        return common.evaluate(
+            generate, model, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference
+        )
 
     if start == 0:
         metrics, samples = evaluate()
-        guide_metrics, _ = common.evaluate(guide_sampler, guide, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference)
+        guide_metrics, _ = evaluate(samplers[GUIDE], guide)
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
         logger.log({"iteration": 0, "episodes": 0, **metrics}, samples)
         print(f"iteration 0: {metrics}")
     bar = runs.progress(args.num_iterations, start, args.exp_name)
     for iteration in range(start + 1, args.num_iterations + 1):
         iteration_start = time.time()
-        batch = [train[i] for i in torch.randint(len(train), (args.rollouts_per_iteration // processes // args.group_size,)).repeat_interleave(args.group_size).tolist()]
+        indices = torch.randint(len(train), (args.rollouts_per_iteration // processes // args.group_size,))
+        batch = [train[i] for i in indices.repeat_interleave(args.group_size).tolist()]  # groups of G copies
         prompts, references = [p for p, _ in batch], [r for _, r in batch]
         query, query_mask = common.tokenize_prompts(tokenizer, prompts, args.prompt_len, args.truncation_side, device)
         ref_tokens, ref_mask = common.tokenize_responses(tokenizer, references, args.max_new_tokens, device)
 
-        # ALGO LOGIC: collect. As PPO++: rollin with beta d^{pi_g} + (1 - beta) d^{pi_theta}, restart, roll out pi_theta.
-        # --guide-when-all-fail T: first every sample unguided; the groups that all scored below T are sampled again.
+        # ALGO LOGIC: collect. PPO++'s: rollin with beta d^{pi_g} + (1 - beta) d^{pi_theta}, restart, roll out pi_theta.
         beta = args.beta * (1 - (iteration - 1) / args.num_iterations) if args.beta_schedule == "linear" else args.beta
         guide_rollin = (torch.rand(len(batch), generator=rng) < beta).to(device)
         rollin_by = torch.where(guide_rollin, GUIDE, NO_ROLLIN)
+        if args.guide_when_all_fail is not None:  # every sample first pi_theta's own
+            rollin_by = torch.full((len(batch),), NO_ROLLIN, device=device)
         rollout_by = torch.full((len(batch),), POLICY, device=device)
-        if args.guide_when_all_fail is None:
-            rollout = common.generate_with_restarts(samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens,
-                                                    args.min_new_tokens, rng, tokenizer)
-        else:
-            rollout = common.generate_with_restarts(samplers, query, query_mask, torch.full_like(rollin_by, NO_ROLLIN), rollout_by, args.max_new_tokens,
-                                                    args.min_new_tokens, rng, tokenizer)
-            first_scores = reward_fn(prompts, common.decode_responses(tokenizer, rollout["response"], rollout["response_mask"])).to(device)
-            failed = (first_scores.view(-1, args.group_size) < args.guide_when_all_fail).all(1).repeat_interleave(args.group_size)
-            guide_rollin &= failed
-            rollin_by = torch.where(guide_rollin, GUIDE, NO_ROLLIN)
-            again = failed.nonzero().squeeze(1)
-            if len(again):
-                redone = common.generate_with_restarts(samplers, query[again], query_mask[again], rollin_by[again], rollout_by[again], args.max_new_tokens,
-                                                       args.min_new_tokens, rng, tokenizer)
+        rollout = common.generate_with_restarts(
+            samplers, query, query_mask, rollin_by, rollout_by, args.max_new_tokens, args.min_new_tokens, rng, tokenizer
+        )
+        if args.guide_when_all_fail is not None:  # in a group that all scored below T, the guided members are redrawn
+            texts = common.decode_responses(tokenizer, rollout["response"], rollout["response_mask"])
+            failed = (reward_fn(prompts, texts).view(-1, args.group_size) < args.guide_when_all_fail).all(1)
+            guide_rollin &= failed.repeat_interleave(args.group_size).to(device)
+            rollin_by, again = torch.where(guide_rollin, GUIDE, NO_ROLLIN), guide_rollin.nonzero().squeeze(1)
+            if len(again):  # the other members keep their own samples (beta 0: GRPO exactly)
+                q, qm, by = query[again], query_mask[again], rollin_by[again]
+                redone = common.generate_with_restarts(
+                    samplers, q, qm, by, rollout_by[again], args.max_new_tokens, args.min_new_tokens, rng, tokenizer
+                )
                 for key, value in redone.items():
                     rollout[key][again] = value
         response, response_mask, by_guide = rollout["response"], rollout["response_mask"], rollout["by_guide"]
@@ -215,43 +220,62 @@ def main(args):
         scores = reward_fn(prompts, texts).to(device)
         runs.check_finite(iteration, task_reward=scores)
         with torch.no_grad():
-            old_logprobs, _, entropy = common.forward(policy, value_head, query, query_mask, response, response_mask, entropy=True)
+            old_logprobs, _, entropy = common.forward(
+                policy, value_head, query, query_mask, response, response_mask, entropy=True
+            )
             ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
         kl = (old_logprobs - ref_logprobs) * policy_tokens
         rewards = scores - args.kl_coef * kl.sum(1)
 
-        # ALGO LOGIC: advantages. No critic: a sample's reward against its group's (the G samples of its prompt, guided or
-        # not), every token of the sample gets it; the policy loss covers pi_theta's tokens (t >= h).
+        # ALGO LOGIC: advantages. No critic: a sample's reward against its group's (the G samples of its prompt, guided
+        # or not), every token of the sample gets it; the policy loss covers pi_theta's tokens (t >= h).
         policy_mask = response_mask & ~by_guide
         advantages = common.group_advantages(rewards, args.group_size, args.scale_rewards)[:, None] * policy_mask
 
         # ALGO LOGIC: update. Clipped policy loss + eta * NLL of the references.
         # (Plumbing, skippable: `mb` is this process's share of a minibatch, run as --gradient-accumulation-steps
-        # micro-batches `mu`; masked_mean(x, m[mu], m[mb]) is mu's part of the minibatch's token mean over all processes,
-        # so that the parts' gradients add up to the minibatch's; process_mean gives the logged figures of all processes.)
+        # micro-batches `mu`; token_mean(x, mask) is mu's part of the minibatch's token mean over all processes, so that
+        # the parts' gradients add up to the minibatch's; process_mean gives the logged figures of all processes.)
         stats = collections.defaultdict(list)
         for _ in range(args.ppo_epochs):
             for mb in torch.randperm(len(batch)).split(args.minibatch_size // processes):
                 optimizer.zero_grad()
                 parts = []
                 for mu in mb.split(args.minibatch_size // processes // args.gradient_accumulation_steps):
-                    logprobs, _ = common.forward(ddp_policy, ddp_value_head, query[mu], query_mask[mu], response[mu], response_mask[mu])
+
+                    def token_mean(x, mask):  # mu's part of the minibatch's token mean of x over mask
+                        return common.masked_mean(x, mask[mu], mask[mb])
+
+                    logprobs, _ = common.forward(
+                        ddp_policy, ddp_value_head, query[mu], query_mask[mu], response[mu], response_mask[mu]
+                    )
                     log_ratio = logprobs - old_logprobs[mu]
                     ratio = log_ratio.exp()
-                    pg_losses = torch.max(-advantages[mu] * ratio, -advantages[mu] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
-                    pg_loss = common.masked_mean(pg_losses, policy_mask[mu], policy_mask[mb])
-                    # the plain module, not the DDP wrapper (one wrapped pass per backward): in the backward, DDP averages
-                    # the MLE gradient over the processes together with the PPO terms'
-                    ref_logprobs_mu, _ = common.forward(policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu])
-                    mle_loss = -common.masked_mean(ref_logprobs_mu, ref_mask[mu], ref_mask[mb])
+                    pg_losses = torch.max(
+                        -advantages[mu] * ratio, -advantages[mu] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
+                    )
+                    pg_loss = token_mean(pg_losses, policy_mask)
+                    # the plain module, not the DDP wrapper (one wrapped pass per backward): DDP averages this MLE
+                    # gradient over the processes in the same backward, together with the PPO terms'
+                    ref_logprobs_mu, _ = common.forward(
+                        policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu]
+                    )
+                    mle_loss = -token_mean(ref_logprobs_mu, ref_mask)
                     loss = pg_loss + args.mle_coef * mle_loss
                     loss.backward()
                     with torch.no_grad():
-                        parts.append({"loss/policy": pg_loss, "loss/mle": mle_loss,
-                                      "policy/clipfrac": common.masked_mean(((ratio - 1).abs() > args.clip_range).float(), policy_mask[mu], policy_mask[mb]),
-                                      "policy/approx_kl": common.masked_mean(0.5 * log_ratio**2, policy_mask[mu], policy_mask[mb])})
-                step = parallel.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's means
-                step["grad_norm"] = torch.nn.utils.clip_grad_norm_([*policy.parameters()], args.max_grad_norm)
+                        clipped = ((ratio - 1).abs() > args.clip_range).float()
+                        parts.append(
+                            {
+                                "loss/policy": pg_loss,
+                                "loss/mle": mle_loss,
+                                "policy/clipfrac": token_mean(clipped, policy_mask),
+                                "policy/approx_kl": token_mean(0.5 * log_ratio**2, policy_mask),
+                            }
+                        )
+                step = parallel.process_mean({k: sum(part[k] for part in parts) for k in parts[0]})  # the minibatch's
+                trained = [*policy.parameters()]
+                step["grad_norm"] = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
                 runs.check_finite(iteration, **step)
                 optimizer.step()
                 scheduler.step()
@@ -259,16 +283,23 @@ def main(args):
                     stats[k].append(v.item())
 
         # Log, evaluate, checkpoint
-        row = {"iteration": iteration, "episodes": iteration * args.rollouts_per_iteration,
-               "train/reward": parallel.gather(scores).mean().item(), "train/kl": parallel.gather(kl.sum(1)).mean().item(),
-               "train/response_length": parallel.gather(response_mask.sum(1)).float().mean().item(),
-               "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
-               "train/group_reward_std": parallel.gather(rewards).view(-1, args.group_size).std(1).mean().item(),
-               **{k: sum(v) / len(v) for k, v in stats.items()}, "lr": scheduler.get_last_lr()[0],
-               "time/generate_s": generate_time, "time/iteration_s": time.time() - iteration_start,
-               "rlgf/guide_rollin_share": parallel.gather(guide_rollin.float()).mean().item(),
-               "rlgf/restart_mean": common.masked_mean(rollout["restart_at"].float(), rollin_by != NO_ROLLIN).item(),
-               "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item(), **guides.seam_stats(guide_sampler)}
+        row = {
+            "iteration": iteration,
+            "episodes": iteration * args.rollouts_per_iteration,
+            "train/reward": parallel.gather(scores).mean().item(),
+            "train/kl": parallel.gather(kl.sum(1)).mean().item(),
+            "train/response_length": parallel.gather(response_mask.sum(1)).float().mean().item(),
+            "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
+            "train/group_reward_std": parallel.gather(rewards).view(-1, args.group_size).std(1).mean().item(),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "lr": scheduler.get_last_lr()[0],
+            "time/generate_s": generate_time,
+            "time/iteration_s": time.time() - iteration_start,
+            "rlgf/guide_rollin_share": parallel.gather(guide_rollin.float()).mean().item(),
+            **common.restart_stats(rollout, rollin_by),
+            "rlgf/policy_token_share": common.masked_mean(policy_mask.float(), response_mask).item(),
+            **guides.seam_stats(samplers[GUIDE]),
+        }
         samples = None
         if iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0):
             metrics, samples = evaluate()
@@ -277,7 +308,10 @@ def main(args):
         if iteration == args.num_iterations or (args.save_every and iteration % args.save_every == 0):
             runs.save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, iteration, rng)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['train/reward']:.3f}", **({"eval": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}))
+        bar.set_postfix(
+            reward=f"{row['train/reward']:.3f}",
+            **({"eval": f"{row['eval/reward']:.3f}"} if "eval/reward" in row else {}),
+        )
     bar.close()
     logger.close()
     print(f"done: {path}")

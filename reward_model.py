@@ -22,6 +22,7 @@ import tasks
 from plumbing import check, models, parallel, runs
 from tasks.learned_reward import RewardModel, load_trunk, save, score
 
+
 @dataclass
 class Args:
     """Every number is the default task's (rotten-tomatoes); --task tldr puts its preset (tasks/summarize.py) over them,
@@ -83,15 +84,31 @@ def evaluate(model, tokenizer, pairs, args, device):
     rejected = score(model, tokenizer, [r for _, r in pairs], args.max_length, device)
     loss, accuracy = bradley_terry_loss(chosen, rejected)
     both = torch.cat([chosen, rejected])
-    return {"eval/accuracy": accuracy.item(), "eval/loss": loss.item(), "eval/reward_mean": both.mean().item(), "eval/reward_std": both.std().item()}
+    return {
+        "eval/accuracy": accuracy.item(),
+        "eval/loss": loss.item(),
+        "eval/reward_mean": both.mean().item(),
+        "eval/reward_std": both.std().item(),
+    }
 
 
 def main(args):
     check(args.resume is None, "reward_model.py has no --resume")
-    check(parallel.processes()[1] == 1, "reward_model.py runs in one process: start it with python, not accelerate launch")
-    check(args.num_epochs > 0 and args.batch_size >= 1 and args.max_length >= 2 and args.eval_size >= 1 and args.max_train_pairs >= 0,
-          "--num-epochs, --batch-size, --eval-size must be positive, --max-length >= 2, --max-train-pairs >= 0")
-    check(args.learning_rate > 0 and args.lora_r >= 0 and args.lora_alpha > 0, "--learning-rate and --lora-alpha must be > 0, --lora-r >= 0")
+    check(
+        parallel.processes()[1] == 1, "reward_model.py runs in one process: start it with python, not accelerate launch"
+    )
+    check(
+        args.num_epochs > 0
+        and args.batch_size >= 1
+        and args.max_length >= 2
+        and args.eval_size >= 1
+        and args.max_train_pairs >= 0,
+        "--num-epochs, --batch-size, --eval-size must be positive, --max-length >= 2, --max-train-pairs >= 0",
+    )
+    check(
+        args.learning_rate > 0 and args.lora_r >= 0 and args.lora_alpha > 0,
+        "--learning-rate and --lora-alpha must be > 0, --lora-r >= 0",
+    )
     models.require_assets(args, ["dataset_name", "model_name"])
     path = runs.run_dir(args)
     common.seed_everything(args.seed)
@@ -107,7 +124,9 @@ def main(args):
     tokenizer = models.load_tokenizer(args.model_name)
     trunk = load_trunk(args.model_name, dtype if args.lora_r else torch.float32)
     if args.lora_r:  # adapters train in fp32; the base stays frozen in `dtype`
-        trunk = models._peft().get_peft_model(trunk, models._peft().LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear"))
+        trunk = models._peft().get_peft_model(
+            trunk, models._peft().LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear")
+        )
     model = RewardModel(trunk).to(device)
     models.mixed_precision(model.trunk, dtype)
     model.eval()  # no dropout: the same function scores the chosen and the rejected text
@@ -118,13 +137,22 @@ def main(args):
     print(f"before training: {before}")
     steps = max(1, int(args.num_epochs * len(train) / args.batch_size))
     order = torch.cat([torch.randperm(len(train)) for _ in range(int(args.num_epochs) + 1)])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda("linear", steps))
     bar = runs.progress(steps, 0, "reward model")
     for step in range(1, steps + 1):
         start = time.time()
         batch = [train[i] for i in order[(step - 1) * args.batch_size : step * args.batch_size].tolist()]
-        rewards = score(model, tokenizer, [c for c, _ in batch] + [r for _, r in batch], args.max_length, device, batch_size=2 * len(batch))
+        rewards = score(
+            model,
+            tokenizer,
+            [c for c, _ in batch] + [r for _, r in batch],
+            args.max_length,
+            device,
+            batch_size=2 * len(batch),
+        )
         loss, accuracy = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :])
         optimizer.zero_grad()
         loss.backward()
@@ -132,8 +160,17 @@ def main(args):
         runs.check_finite(step, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
-        logger.log({"iteration": step, "episodes": step * args.batch_size, "loss/bradley_terry": loss.item(), "train/accuracy": accuracy.item(),
-                    "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0], "time/iteration_s": time.time() - start})
+        logger.log(
+            {
+                "iteration": step,
+                "episodes": step * args.batch_size,
+                "loss/bradley_terry": loss.item(),
+                "train/accuracy": accuracy.item(),
+                "grad_norm": grad_norm.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "time/iteration_s": time.time() - start,
+            }
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -145,10 +182,24 @@ def main(args):
     if baseline:
         print(f"the task's own reward on the same held-out pairs: {baseline}")
     checkpoint = os.path.join(path, "checkpoint")
-    save(model, tokenizer, checkpoint, dict(base=args.model_name, task=args.task, max_length=args.max_length, lora_r=args.lora_r,
-                                            accuracy_before=round(before["eval/accuracy"], 4), accuracy_after=round(after["eval/accuracy"], 4),
-                                            heldout_pairs=len(heldout), train_pairs=len(train), reward_mean=after["eval/reward_mean"],
-                                            reward_std=after["eval/reward_std"], baseline=baseline))
+    save(
+        model,
+        tokenizer,
+        checkpoint,
+        dict(
+            base=args.model_name,
+            task=args.task,
+            max_length=args.max_length,
+            lora_r=args.lora_r,
+            accuracy_before=round(before["eval/accuracy"], 4),
+            accuracy_after=round(after["eval/accuracy"], 4),
+            heldout_pairs=len(heldout),
+            train_pairs=len(train),
+            reward_mean=after["eval/reward_mean"],
+            reward_std=after["eval/reward_std"],
+            baseline=baseline,
+        ),
+    )
     logger.close()
     print(f"done: {checkpoint}  (pass it as --reward-model-name)")
 

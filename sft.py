@@ -22,7 +22,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     task: tasks.Name = "rotten-tomatoes"
-    """rotten-tomatoes (the default) and concepts run offline; imdb, commongen and tldr (the paper's) need the hub or local copies"""
+    """rotten-tomatoes and concepts run offline; the paper's imdb, commongen and tldr need the hub or local copies"""
     seed: int = 1
     """seed of the experiment"""
 
@@ -66,7 +66,7 @@ class Args:
     eval_best_of: int = 1
     """Best-of-N evaluation: N samples per prompt, the reward keeps the best one (1: off)"""
     eval_judge: Optional[str] = None
-    """tldr: the LLM judging the win rate against the references (hub name, local directory, or openai:MODEL at $OPENAI_BASE_URL)"""
+    """tldr: the LLM judging the win rate against the references: a model, or openai:MODEL at $OPENAI_BASE_URL"""
     eval_judge_prompt: Optional[str] = None
     """the judge's prompt: a text file with {post}, {summary_a} and {summary_b}"""
 
@@ -74,9 +74,9 @@ class Args:
     device: str = "auto"
     """cuda if available, else cpu; or any torch device"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on CUDA (mixed precision: fp32 weights of the trained model, bf16 frozen models), float32 elsewhere"""
+    """auto: bfloat16 on CUDA (mixed precision: fp32 trained weights, bf16 frozen models), float32 elsewhere"""
     fast_decoding: bool = False
-    """CUDA, causal LMs: sampling over a static KV cache with a compiled one-token step (not yet measured on a GPU: off by default)"""
+    """CUDA, causal LMs: sample over a static KV cache with a compiled one-token step (off until measured on a GPU)"""
     lora_r: int = 0
     """LoRA rank (peft) on every linear layer of the blocks; 0: full fine-tuning"""
     lora_alpha: float = 16.0
@@ -131,8 +131,12 @@ def main(args):
     for step in range(1, steps + 1):
         start = time.time()
         batch = [pairs[i] for i in order[(step - 1) * args.batch_size : step * args.batch_size].tolist()]
-        query, query_mask = common.tokenize_prompts(tokenizer, [p for p, _ in batch], args.prompt_len, args.truncation_side, device)
-        reference, reference_mask = common.tokenize_responses(tokenizer, [r for _, r in batch], args.max_new_tokens, device)
+        query, query_mask = common.tokenize_prompts(
+            tokenizer, [p for p, _ in batch], args.prompt_len, args.truncation_side, device
+        )
+        reference, reference_mask = common.tokenize_responses(
+            tokenizer, [r for _, r in batch], args.max_new_tokens, device
+        )
         logprobs, _ = common.forward(policy, None, query, query_mask, reference, reference_mask)
         loss = -common.masked_mean(logprobs, reference_mask)
         optimizer.zero_grad()
@@ -141,8 +145,15 @@ def main(args):
         runs.check_finite(step, mle_loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
-        logger.log({"iteration": step, "episodes": step * args.batch_size, "loss/mle": loss.item(),
-                    "lr": scheduler.get_last_lr()[0], "time/iteration_s": time.time() - start})
+        logger.log(
+            {
+                "iteration": step,
+                "episodes": step * args.batch_size,
+                "loss/mle": loss.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "time/iteration_s": time.time() - start,
+            }
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()

@@ -54,8 +54,14 @@ class Args:
 
 
 def main(args):
-    if min(args.batch, args.prompt_len, args.new_tokens, args.layers, args.repeats) < 1 or min(args.prefix_len, args.warmup, args.top_k) < 0:
-        sys.exit("error: --batch, --prompt-len, --new-tokens, --layers and --repeats must be >= 1; --prefix-len, --warmup, --top-k >= 0")
+    if (
+        min(args.batch, args.prompt_len, args.new_tokens, args.layers, args.repeats) < 1
+        or min(args.prefix_len, args.warmup, args.top_k) < 0
+    ):
+        sys.exit(
+            "error: --batch, --prompt-len, --new-tokens, --layers and --repeats must be >= 1; "
+            "--prefix-len, --warmup, --top-k >= 0"
+        )
     device = parallel.device_of(args.device)
     dtype = models.dtype_of(args.dtype, device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -63,7 +69,10 @@ def main(args):
     config = transformers.GPT2Config(n_layer=args.layers, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
     model = transformers.GPT2LMHeadModel(config).to(device, dtype).eval()
     g = torch.Generator().manual_seed(1)
-    rows = [torch.randint(0, 50000, (int(n),), generator=g) for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=g)]
+    rows = [
+        torch.randint(0, 50000, (int(n),), generator=g)
+        for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=g)
+    ]
     query, query_mask = (t.to(device) for t in decoding._left_pad(rows, config.pad_token_id, "cpu"))
     prefix = torch.randint(0, 50000, (args.batch, args.prefix_len), generator=g).to(device)
     prefix_mask = torch.ones_like(prefix, dtype=torch.bool)
@@ -72,14 +81,33 @@ def main(args):
 
     def hf_generate():
         inputs = decoding._model_inputs(model, query, query_mask, prefix, prefix_mask, config.pad_token_id)
-        return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=True, top_k=args.top_k,
-                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=config.pad_token_id)
+        return model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            do_sample=True,
+            top_k=args.top_k,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            pad_token_id=config.pad_token_id,
+        )
 
     ways = {
         "generate (dynamic cache)": hf_generate,
-        "decoding.sample": lambda: decoding.sample(model, query, query_mask, prefix, prefix_mask, budget, no_min, top_k=args.top_k, pad_id=config.pad_token_id),
+        "decoding.sample": lambda: decoding.sample(
+            model, query, query_mask, prefix, prefix_mask, budget, no_min, top_k=args.top_k, pad_id=config.pad_token_id
+        ),
         "decoding.sample_static" + (" (compiled)" if compiled else ""): lambda: decoding.sample_static(
-            model, query, query_mask, prefix, prefix_mask, budget, no_min, top_k=args.top_k, pad_id=config.pad_token_id, compiled=compiled),
+            model,
+            query,
+            query_mask,
+            prefix,
+            prefix_mask,
+            budget,
+            no_min,
+            top_k=args.top_k,
+            pad_id=config.pad_token_id,
+            compiled=compiled,
+        ),
     }
 
     def timed(fn):
@@ -98,9 +126,12 @@ def main(args):
         medians[name] = statistics.median(timed(fn) for _ in range(args.repeats))
         print(f"{name}: warm-up calls {', '.join(f'{w * 1e3:.0f}' for w in warm)} ms", flush=True)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{where}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}: batch {args.batch}, "
-          f"prompt {args.prompt_len}, prefix {args.prefix_len}, {args.new_tokens} new tokens, top-k {args.top_k}, {args.layers} layers "
-          f"(median of {args.repeats} calls)")
+    print(
+        f"\n{where}, {dtype}, torch {torch.__version__}, transformers {transformers.__version__}: batch {args.batch}, "
+        f"prompt {args.prompt_len}, prefix {args.prefix_len}, {args.new_tokens} new tokens, top-k {args.top_k}, "
+        f"{args.layers} layers "
+        f"(median of {args.repeats} calls)"
+    )
     base = medians["generate (dynamic cache)"]
     for name, seconds in medians.items():
         print(f"{name:<36} {seconds * 1e3:>9.1f} ms {base / seconds:>7.2f}x")

@@ -26,7 +26,8 @@ try:
 finally:
     import torch
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    print("PEAK " + json.dumps({{"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "gpu_gib": gpu}}))
+    print("PEAK " + json.dumps({{"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "gpu_gib":
+    gpu}}))
 """
 
 
@@ -45,9 +46,22 @@ def main(args, extra):
     print(f"{'variant':<20} {'peak RSS (GiB)':>15} {'peak GPU (GiB)':>15}")
     for name, flags in (("full fine-tuning", []), (f"LoRA r {args.lora_r}", ["--lora-r", str(args.lora_r)])):
         with tempfile.TemporaryDirectory() as out:
-            argv = [f"{args.script}.py", "--num-iterations", str(args.iterations), "--eval-every", "0", "--save-every", "0",
-                    "--output-dir", out, *extra, *flags]
-            done = subprocess.run([sys.executable, "-c", MEASURE.format(root=ROOT), *argv], cwd=ROOT, capture_output=True, text=True)
+            argv = [
+                f"{args.script}.py",
+                "--num-iterations",
+                str(args.iterations),
+                "--eval-every",
+                "0",
+                "--save-every",
+                "0",
+                "--output-dir",
+                out,
+                *extra,
+                *flags,
+            ]
+            done = subprocess.run(
+                [sys.executable, "-c", MEASURE.format(root=ROOT), *argv], cwd=ROOT, capture_output=True, text=True
+            )
         peaks = [line for line in done.stdout.splitlines() if line.startswith("PEAK ")]
         if done.returncode != 0 or not peaks:
             sys.exit(f"{name}: the run failed:\n{done.stderr[-2000:]}")

@@ -32,8 +32,21 @@ class Args:
 
 
 def run_once(script, args, extra, output_dir):
-    argv = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--num-iterations", str(args.iterations),
-            "--eval-every", "0", "--eval-size", "8", "--output-dir", output_dir, "--exp-name", script, *extra]
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, f"{script}.py"),
+        "--num-iterations",
+        str(args.iterations),
+        "--eval-every",
+        "0",
+        "--eval-size",
+        "8",
+        "--output-dir",
+        output_dir,
+        "--exp-name",
+        script,
+        *extra,
+    ]
     subprocess.run(argv, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (run_dir,) = [d for d in os.listdir(output_dir) if f"__{script}__" in d]
     rows = [json.loads(line) for line in open(os.path.join(output_dir, run_dir, "metrics.jsonl"))]
@@ -49,7 +62,10 @@ def main(args, extra):
                     times[script]["iteration"].append(row["time/iteration_s"])
                     times[script]["generate"].append(row["time/generate_s"])
     base = statistics.median(times[args.scripts[0]]["iteration"])
-    print(f"{'script':<12} {'iteration s':>12} {'generate s':>11} {'ratio':>7}   (median of {len(times[args.scripts[0]]['iteration'])} iterations)")
+    print(
+        f"{'script':<12} {'iteration s':>12} {'generate s':>11} {'ratio':>7}   "
+        f"(median of {len(times[args.scripts[0]]['iteration'])} iterations)"
+    )
     for script in args.scripts:
         it, gen = statistics.median(times[script]["iteration"]), statistics.median(times[script]["generate"])
         print(f"{script:<12} {it:>12.3f} {gen:>11.3f} {it / base:>6.2f}x")

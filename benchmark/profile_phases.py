@@ -1,7 +1,9 @@
 """Where an iteration's time goes, per phase, for each script, at two shapes; printed as a table.
 
-    python benchmark/profile_phases.py                                   # both shapes, the five scripts, 2 iterations each
-    python benchmark/profile_phases.py --shapes smollm2 -- --rollouts-per-iteration 8 --minibatch-size 4   # small, on a CPU
+    python benchmark/profile_phases.py                                   # both shapes, the five scripts, 2 iterations
+    each
+    python benchmark/profile_phases.py --shapes smollm2 -- --rollouts-per-iteration 8 --minibatch-size 4   # small, on a
+    CPU
     python benchmark/profile_phases.py -- --fast-decoding                # flags after -- go to every run
 
 Shapes:
@@ -78,7 +80,9 @@ def child(script, argv):
     generate = common.generate_with_restarts
 
     def generate_timed(samplers, query, query_mask, rollin_by, *args, **kwargs):
-        rollins = sum(bool((rollin_by == who).any()) for who in (common.POLICY, common.GUIDE))  # its first calls are the rollins
+        rollins = sum(
+            bool((rollin_by == who).any()) for who in (common.POLICY, common.GUIDE)
+        )  # its first calls are the rollins
         calls = [0]
 
         def wrap(fn):
@@ -132,8 +136,14 @@ def child(script, argv):
     def log_timed(self, row, *args, **kwargs):
         if "time/iteration_s" in row:
             spent = sum(clock[p] for p in ("rollin", "rollout", "reward", "old_ref_forward"))
-            rows.append({**{p: clock[p] for p in PHASES}, "update": row["time/iteration_s"] - spent, "iteration": row["time/iteration_s"],
-                         "decode_tokens_per_s": clock["tokens"] / max(clock["decode"], 1e-9)})
+            rows.append(
+                {
+                    **{p: clock[p] for p in PHASES},
+                    "update": row["time/iteration_s"] - spent,
+                    "iteration": row["time/iteration_s"],
+                    "decode_tokens_per_s": clock["tokens"] / max(clock["decode"], 1e-9),
+                }
+            )
         for key in clock:
             clock[key] = False if key == "in_eval" else 0
         return log(self, row, *args, **kwargs)
@@ -144,9 +154,15 @@ def child(script, argv):
     sys.argv = [f"{script}.py", *argv]
     module = __import__(script)
     runs.cli(module.main, module.Args)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    timed = sorted(rows[1:], key=lambda r: r["iteration"])
-    summary = timed[(len(timed) - 1) // 2] | {"evaluation": rows[-1]["evaluation"]}  # the median iteration: its phases add up
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    in_order = sorted(rows[1:], key=lambda r: r["iteration"])
+    summary = in_order[(len(in_order) - 1) // 2] | {
+        "evaluation": rows[-1]["evaluation"]
+    }  # the median iteration: its phases add up
     print("PROFILE " + json.dumps({**summary, "peak_memory_gib": peak, "timed_iterations": len(rows) - 1}))
 
 
@@ -168,17 +184,28 @@ def gpt2_imdb_assets():
         return paths
     tokenizer = models.load_tokenizer("smollm2-135m")
     torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                                                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     models.save_checkpoint_model(gpt2, tokenizer, paths["gpt2-small-random"])
-    bert = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                                                                          id2label={0: "NEGATIVE", 1: "POSITIVE"}))
+    bert = transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"}
+        )
+    )
     bert.save_pretrained(paths["distilbert-random"])
     tokenizer.save_pretrained(paths["distilbert-random"])
     films = {}
     for row in sentiment.rotten_tomatoes_rows():
         films.setdefault((row["movie_name"], row["category"]), []).append(row["text"])
-    texts = [(" ".join(t), category == "fresh") for (_, category), t in films.items() if len(" ".join(t).split()) >= 200]
+    texts = [
+        (" ".join(t), category == "fresh") for (_, category), t in films.items() if len(" ".join(t).split()) >= 200
+    ]
     os.makedirs(paths["imdb-format"], exist_ok=True)
     for split, part in (("train", texts[: len(texts) // 2]), ("test", texts[len(texts) // 2 :])):
         with open(os.path.join(paths["imdb-format"], f"{split}.jsonl"), "w") as f:
@@ -188,11 +215,30 @@ def gpt2_imdb_assets():
 
 
 def shape_flags(shape, script, args):
-    flags = ["--num-iterations", str(args.iterations), "--eval-every", str(args.iterations), "--save-every", "0", "--eval-size", str(args.eval_size)]
+    flags = [
+        "--num-iterations",
+        str(args.iterations),
+        "--eval-every",
+        str(args.iterations),
+        "--save-every",
+        "0",
+        "--eval-size",
+        str(args.eval_size),
+    ]
     if shape == "gpt2-imdb":
         p = gpt2_imdb_assets()
-        flags += ["--task", "imdb", "--dataset-name", p["imdb-format"], "--model-name", p["gpt2-small-random"],
-                  "--reward-model-name", p["distilbert-random"], "--eval-lm-name", p["gpt2-small-random"]]
+        flags += [
+            "--task",
+            "imdb",
+            "--dataset-name",
+            p["imdb-format"],
+            "--model-name",
+            p["gpt2-small-random"],
+            "--reward-model-name",
+            p["distilbert-random"],
+            "--eval-lm-name",
+            p["gpt2-small-random"],
+        ]
     if script == "d2lols":
         flags += ["--alpha", "1"]  # an AggreVaTeD iteration, then PPO++ ones: the timed iterations are PPO++'s
     return flags
@@ -204,7 +250,12 @@ def main(args, extra):
         for script in args.scripts:
             with tempfile.TemporaryDirectory() as tmp:
                 argv = [*shape_flags(shape, script, args), "--output-dir", tmp, *extra]
-                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", script, *argv], cwd=ROOT, capture_output=True, text=True)
+                done = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--child", script, *argv],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
             lines = [line for line in done.stdout.splitlines() if line.startswith("PROFILE ")]
             if done.returncode or not lines:
                 sys.exit(f"{script} at {shape} failed:\n{done.stderr[-3000:]}")
@@ -212,12 +263,23 @@ def main(args, extra):
     for shape in args.shapes:
         base = results[(shape, args.scripts[0])]["iteration"]
         timed = results[(shape, args.scripts[0])]["timed_iterations"]
-        print(f"\n{shape}: seconds by phase of the median of {timed} iterations after the first" + (f" (flags: {' '.join(extra)})" if extra else ""))
-        print(f"{'script':<11}" + "".join(f"{p:>16}" for p in PHASES) + f"{'iteration':>11}{'ratio':>7}{'decode tok/s':>14}{'peak GiB':>10}")
+        print(
+            f"\n{shape}: seconds by phase of the median of {timed} iterations after the first"
+            + (f" (flags: {' '.join(extra)})" if extra else "")
+        )
+        print(
+            f"{'script':<11}"
+            + "".join(f"{p:>16}" for p in PHASES)
+            + f"{'iteration':>11}{'ratio':>7}{'decode tok/s':>14}{'peak GiB':>10}"
+        )
         for script in args.scripts:
             r = results[(shape, script)]
-            print(f"{script:<11}" + "".join(f"{r[p]:>16.3f}" for p in PHASES)
-                  + f"{r['iteration']:>11.3f}{r['iteration'] / base:>6.2f}x{r['decode_tokens_per_s']:>14.0f}{r['peak_memory_gib']:>10.2f}")
+            print(
+                f"{script:<11}"
+                + "".join(f"{r[p]:>16.3f}" for p in PHASES)
+                + f"{r['iteration']:>11.3f}{r['iteration'] / base:>6.2f}x"
+                + f"{r['decode_tokens_per_s']:>14.0f}{r['peak_memory_gib']:>10.2f}"
+            )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({f"{shape}/{script}": r for (shape, script), r in results.items()}, f, indent=1)

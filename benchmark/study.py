@@ -3,7 +3,8 @@ the SFT model (nucleus sampling) as the guide, several seeds, identical budgets;
 
     python benchmark/study.py                                   # offline default task, 3 seeds
     python benchmark/study.py --parallel 15 --num-iterations 30 # on a GPU, all runs at once
-    python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py, every RL run and final_eval.py
+    python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py, every RL run and
+    final_eval.py
     python benchmark/study.py --eval-split test ...             # the final report: evaluate on the test split
 
 Every row of the table is a final evaluation (benchmark/final_eval.py), the same for all: the first --final-eval-size
@@ -99,14 +100,20 @@ def finished(parent):
     run_dir = the_run(parent)
     if os.path.basename(parent) == "sft":
         return os.path.isdir(os.path.join(run_dir, "checkpoint"))
-    return os.path.isfile(os.path.join(run_dir, "final_eval.json")) or checkpoint_complete(os.path.join(run_dir, "checkpoint"))
+    return os.path.isfile(os.path.join(run_dir, "final_eval.json")) or checkpoint_complete(
+        os.path.join(run_dir, "checkpoint")
+    )
 
 
 def commit():
     """The code that produced the table: the git commit, marked when the tree had uncommitted changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -125,7 +132,9 @@ def t_quantile(df, p=0.975):
 
     def cdf(t, steps=1000):
         h = t / steps
-        return 0.5 + h / 3 * sum((1 if i in (0, steps) else 4 if i % 2 else 2) * density(i * h) for i in range(steps + 1))
+        return 0.5 + h / 3 * sum(
+            (1 if i in (0, steps) else 4 if i % 2 else 2) * density(i * h) for i in range(steps + 1)
+        )
 
     low, high = 0.0, 1.0
     while cdf(high) < p:
@@ -153,12 +162,18 @@ def main(args, extra):
 
     # 1. SFT on the positive reviews
     sft_parent = os.path.join(runs, "sft")
-    reused = [name for name in ["sft", *[f"{a}_{s}" for a in args.algorithms for s in range(1, args.seeds + 1)]]
-              if finished(os.path.join(runs, name))]
+    reused = [
+        name
+        for name in ["sft", *[f"{a}_{s}" for a in args.algorithms for s in range(1, args.seeds + 1)]]
+        if finished(os.path.join(runs, name))
+    ]
     if not finished(sft_parent):
         shutil.rmtree(sft_parent, ignore_errors=True)  # nothing, or an SFT cut short: from the start
         os.makedirs(sft_parent)
-        run(["sft.py", *common_flags, "--num-epochs", str(args.sft_epochs), "--output-dir", sft_parent], os.path.join(out, "sft.log"))
+        run(
+            ["sft.py", *common_flags, "--num-epochs", str(args.sft_epochs), "--output-dir", sft_parent],
+            os.path.join(out, "sft.log"),
+        )
     sft_run = the_run(sft_parent)
     checkpoint = os.path.join(sft_run, "checkpoint")
 
@@ -167,17 +182,43 @@ def main(args, extra):
     for algorithm in args.algorithms:
         for seed in range(1, args.seeds + 1):
             parent = os.path.join(runs, f"{algorithm}_{seed}")
-            flags = [*common_flags, "--model-name", checkpoint, "--seed", str(seed), "--output-dir", parent,
-                     "--num-iterations", str(args.num_iterations), "--rollouts-per-iteration", str(rollouts),
-                     "--eval-every", str(args.eval_every), "--save-every", "0"]
+            flags = [
+                *common_flags,
+                "--model-name",
+                checkpoint,
+                "--seed",
+                str(seed),
+                "--output-dir",
+                parent,
+                "--num-iterations",
+                str(args.num_iterations),
+                "--rollouts-per-iteration",
+                str(rollouts),
+                "--eval-every",
+                str(args.eval_every),
+                "--save-every",
+                "0",
+            ]
             if algorithm == "d2lols":
                 flags += ["--alpha", str(round(args.d2lols_alpha_share * args.num_iterations))]
             jobs.append((algorithm, seed, parent, [f"{algorithm}.py", *flags]))
 
     # 3. The final evaluation of every row, the same for all: the same prompts, the same sampling seed, eval/kl from the
-    # SFT checkpoint (pi_0 of every run). A flag passed after -- (--model-name ...) sets the zero-shot model, the one SFT started from.
-    final_flags = ["--task", args.task, "--eval-split", args.eval_split, *extra, "--final-eval-size", str(args.final_eval_size),
-                   "--seed", str(args.final_eval_seed), "--reference", checkpoint]
+    # SFT checkpoint (pi_0 of every run). A flag passed after -- (--model-name ...) sets the zero-shot model, the one
+    # SFT started from.
+    final_flags = [
+        "--task",
+        args.task,
+        "--eval-split",
+        args.eval_split,
+        *extra,
+        "--final-eval-size",
+        str(args.final_eval_size),
+        "--seed",
+        str(args.final_eval_seed),
+        "--reference",
+        checkpoint,
+    ]
     settings = {"split": args.eval_split, "final_eval_size": args.final_eval_size, "seed": args.final_eval_seed}
 
     def done(path):
@@ -189,7 +230,9 @@ def main(args, extra):
             run(["benchmark/final_eval.py", *final_flags, *model_flags, "--out", path], path[: -len(".json")] + ".log")
         return json.load(open(path))
 
-    guided = [a for a in args.algorithms if a not in ("ppo", "grpo")]  # they use the guide (and evaluate it at iteration 0)
+    guided = [
+        a for a in args.algorithms if a not in ("ppo", "grpo")
+    ]  # they use the guide (and evaluate it at iteration 0)
     baselines = {"zero-shot": ("zero-shot", []), "SFT": ("sft", ["--model-name", checkpoint])}
     if guided:
         baselines["guide (SFT + nucleus)"] = ("guide", ["--model-name", checkpoint, "--guide"])
@@ -204,8 +247,10 @@ def main(args, extra):
         run_dir = the_run(parent)
         run_checkpoint, path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "final_eval.json")
         if not done(path) and not os.path.isdir(run_checkpoint):
-            sys.exit(f"error: {run_dir} has no checkpoint to evaluate (deleted after a final evaluation with other "
-                     f"settings): delete {parent} to run it again")
+            sys.exit(
+                f"error: {run_dir} has no checkpoint to evaluate (deleted after a final evaluation with other "
+                f"settings): delete {parent} to run it again"
+            )
         result = final_eval(path, ["--model-name", run_checkpoint])
         if not args.keep_checkpoints:
             shutil.rmtree(run_checkpoint, ignore_errors=True)
@@ -213,28 +258,50 @@ def main(args, extra):
         return result
 
     with ThreadPoolExecutor(args.parallel) as pool:  # the SFT rows' evaluations beside the runs
-        baseline_results = {row: pool.submit(final_eval, os.path.join(sft_run, f"final_eval_{name}.json"), flags)
-                            for row, (name, flags) in baselines.items()}
+        baseline_results = {
+            row: pool.submit(final_eval, os.path.join(sft_run, f"final_eval_{name}.json"), flags)
+            for row, (name, flags) in baselines.items()
+        }
         finals = list(pool.map(launch, jobs))
     baseline_results = {row: future.result() for row, future in baseline_results.items()}
 
     # 4. The table: the final evaluations, mean +- std over seeds, and the differences from PPO paired by seed; the
     # curves: the runs' own evaluations during training. The command as typed (its paths as given, quoted).
-    results = {"args": asdict(args), "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
-               "commit": commit(), "reused_runs": reused, "rollouts_per_iteration": rollouts, "machine": machine(), "wall_time_s": None,
-               "final_eval": {k: baseline_results["zero-shot"][k] for k in ("split", "prompts", "prompts_sha256", "seed")},
-               "rows": {}, "differences_from_ppo": {}, "curves": {}}
+    results = {
+        "args": asdict(args),
+        "command": shlex.join(["python", "benchmark/study.py", *sys.argv[1:]]),
+        "commit": commit(),
+        "reused_runs": reused,
+        "rollouts_per_iteration": rollouts,
+        "machine": machine(),
+        "wall_time_s": None,
+        "final_eval": {k: baseline_results["zero-shot"][k] for k in ("split", "prompts", "prompts_sha256", "seed")},
+        "rows": {},
+        "differences_from_ppo": {},
+        "curves": {},
+    }
     for row, result in baseline_results.items():
         results["rows"][row] = {k: [result["metrics"][k]] for k, _ in METRICS}
     for algorithm in args.algorithms:
-        results["rows"][algorithm] = {k: [f["metrics"][k] for (a, *_), f in zip(jobs, finals) if a == algorithm] for k, _ in METRICS}  # seeds 1, 2, ...
+        results["rows"][algorithm] = {
+            k: [f["metrics"][k] for (a, *_), f in zip(jobs, finals) if a == algorithm] for k, _ in METRICS
+        }  # seeds 1, 2, ...
         per_seed = [rows(the_run(parent)) for a, _, parent, _ in jobs if a == algorithm]
-        results["curves"][algorithm] = [[(r["episodes"], r["eval/reward"], r.get("eval/kl")) for r in run_rows if "eval/reward" in r] for run_rows in per_seed]
+        results["curves"][algorithm] = [
+            [(r["episodes"], r["eval/reward"], r.get("eval/kl")) for r in run_rows if "eval/reward" in r]
+            for run_rows in per_seed
+        ]
     if "ppo" in args.algorithms and args.seeds >= 2:
-        results["differences_from_ppo"] = {a: {k: paired_difference(results["rows"][a][k], results["rows"]["ppo"][k]) for k, _ in METRICS}
-                                           for a in args.algorithms if a != "ppo"}
-    # the plot's guide line: the guide's evaluations at iteration 0 of the first guided algorithm's runs (the curves' prompts)
-    results["guide_reward_during_training"] = [rows(the_run(parent))[0]["eval/guide_reward"] for a, _, parent, _ in jobs if guided and a == guided[0]]
+        results["differences_from_ppo"] = {
+            a: {k: paired_difference(results["rows"][a][k], results["rows"]["ppo"][k]) for k, _ in METRICS}
+            for a in args.algorithms
+            if a != "ppo"
+        }
+    # the plot's guide line: the guide's evaluations at iteration 0 of the first guided algorithm's runs (the curves'
+    # prompts)
+    results["guide_reward_during_training"] = [
+        rows(the_run(parent))[0]["eval/guide_reward"] for a, _, parent, _ in jobs if guided and a == guided[0]
+    ]
     results["wall_time_s"] = round(time.time() - start)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -258,11 +325,16 @@ def machine():
 
 def markdown(results, args):
     final = results["final_eval"]
-    lines = [f"Final evaluation of every row on {final['prompts']} prompts of the {final['split']} split, sampling seed {final['seed']}, "
-             f"the same for every row; mean ± std over {args.seeds} seeds ({args.num_iterations} iterations x "
-             f"{results['rollouts_per_iteration']} episodes). The curves (reward_curve.png) are the runs' evaluations during "
-             f"training ({args.eval_size} prompts, each run's own seed).", "",
-             "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines = [
+        f"Final evaluation of every row on {final['prompts']} prompts of the {final['split']} split, "
+        f"sampling seed {final['seed']}, the same for every row; mean ± std over {args.seeds} seeds "
+        f"({args.num_iterations} iterations x {results['rollouts_per_iteration']} episodes). "
+        "The curves (reward_curve.png) are the runs' evaluations during "
+        f"training ({args.eval_size} prompts, each run's own seed).",
+        "",
+        "| | " + " | ".join(name for _, name in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     for row, values in results["rows"].items():
         cells = []
         for key, _ in METRICS:
@@ -270,16 +342,34 @@ def markdown(results, args):
             cells.append(f"{mean:.3f} ± {std:.3f}" if len(values[key]) > 1 else f"{mean:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if results["differences_from_ppo"]:
-        lines += ["", f"Difference from ppo, paired by seed: the mean over the {args.seeds} seeds of (algorithm - ppo) and its 95% "
-                  f"interval (Student t, df = {args.seeds - 1}).", "",
-                  "| | " + " | ".join(name for _, name in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        lines += [
+            "",
+            f"Difference from ppo, paired by seed: the mean over the {args.seeds} seeds of (algorithm - ppo) "
+            "and its 95% "
+            f"interval (Student t, df = {args.seeds - 1}).",
+            "",
+            "| | " + " | ".join(name for _, name in METRICS) + " |",
+            "|---|" + "---|" * len(METRICS),
+        ]
         for algorithm, diffs in results["differences_from_ppo"].items():
-            cells = [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diffs[key] for key, _ in METRICS)]
+            cells = [
+                f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diffs[key] for key, _ in METRICS)
+            ]
             lines.append(f"| {algorithm} | " + " | ".join(cells) + " |")
     total = 1 + len(results["args"]["algorithms"]) * args.seeds
-    reused = f" ({len(results['reused_runs'])} of its {total} runs reused from an earlier invocation)" if results["reused_runs"] else ""
-    lines += ["", f"Command: `{results['command']}`", f"Commit: {results['commit']}{reused}", f"Machine: {results['machine']}",
-              f"Wall time: {results['wall_time_s']} s", ""]
+    reused = (
+        f" ({len(results['reused_runs'])} of its {total} runs reused from an earlier invocation)"
+        if results["reused_runs"]
+        else ""
+    )
+    lines += [
+        "",
+        f"Command: `{results['command']}`",
+        f"Commit: {results['commit']}{reused}",
+        f"Machine: {results['machine']}",
+        f"Wall time: {results['wall_time_s']} s",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -292,19 +382,28 @@ def plot(results, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))  # reward against episodes, and against eval/kl (the paper's Fig. 2)
+    fig, (ax, kl_ax) = plt.subplots(
+        1, 2, figsize=(11, 4)
+    )  # reward against episodes, and against eval/kl (the paper's Fig. 2)
     for algorithm, runs in results["curves"].items():
         episodes = [point[0] for point in runs[0]]
         per_point = list(zip(*[[point[1] for point in run] for run in runs]))
         means = [statistics.mean(p) for p in per_point]
         stds = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in per_point]
-        line, = ax.plot(episodes, means, label=algorithm)
-        ax.fill_between(episodes, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+        (line,) = ax.plot(episodes, means, label=algorithm)
+        ax.fill_between(
+            episodes, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15
+        )
         points = [(point[2], point[1]) for run in runs for point in run if len(point) > 2 and point[2] is not None]
         kl_ax.scatter([k for k, _ in points], [r for _, r in points], s=12, color=line.get_color(), label=algorithm)
     for a in (ax, kl_ax):
         if results["guide_reward_during_training"]:
-            a.axhline(statistics.mean(results["guide_reward_during_training"]), color="gray", linestyle="--", label="guide (SFT + nucleus)")
+            a.axhline(
+                statistics.mean(results["guide_reward_during_training"]),
+                color="gray",
+                linestyle="--",
+                label="guide (SFT + nucleus)",
+            )
         a.set_ylabel(f"{results['args']['eval_split']} reward")
     ax.set_xlabel("training episodes")
     kl_ax.set_xlabel("eval/kl (nats per response), every evaluation of every seed")

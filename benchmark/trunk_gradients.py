@@ -32,7 +32,10 @@ class Args:
 
 
 def main(args, extra):
-    check(args.script in ("ppo", "ppo_pp", "aggrevated", "d2lols"), f"--script: one of ppo, ppo_pp, aggrevated, d2lols, not {args.script}")
+    check(
+        args.script in ("ppo", "ppo_pp", "aggrevated", "d2lols"),
+        f"--script: one of ppo, ppo_pp, aggrevated, d2lols, not {args.script}",
+    )
     module = importlib.import_module(args.script)
     script_args = runs.parse(module.Args, extra, tasks.defaults)
     terms, seen, norms = [], {}, {"policy loss": [], "value loss x vf_coef": [], "MLE x mle_coef": [], "all terms": []}
@@ -52,7 +55,12 @@ def main(args, extra):
     def backward_spy(loss, *a, **k):
         pg, vf, mle = terms[-3:]
         weights = [p for p in seen["policy"].parameters() if p.requires_grad]
-        parts = {"policy loss": pg, "value loss x vf_coef": script_args.vf_coef * 0.5 * vf, "MLE x mle_coef": script_args.mle_coef * -mle, "all terms": loss}
+        parts = {
+            "policy loss": pg,
+            "value loss x vf_coef": script_args.vf_coef * 0.5 * vf,
+            "MLE x mle_coef": script_args.mle_coef * -mle,
+            "all terms": loss,
+        }
         for name, term in parts.items():
             grads = torch.autograd.grad(term, weights, retain_graph=True, allow_unused=True)
             norms[name].append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None)))
@@ -65,12 +73,17 @@ def main(args, extra):
     finally:
         common.masked_mean, common.forward, torch.Tensor.backward = mean, forward, backward
     steps = len(norms["all terms"])
-    print(f"gradient norm into the policy's weights (not the value head) over {steps} minibatch steps; "
-          f"vf_coef {script_args.vf_coef}, max_grad_norm {script_args.max_grad_norm}")
+    print(
+        f"gradient norm into the policy's weights (not the value head) over {steps} minibatch steps; "
+        f"vf_coef {script_args.vf_coef}, max_grad_norm {script_args.max_grad_norm}"
+    )
     print(f"{'term':<22} {'median':>10} {'last step':>10}   median / the policy loss's")
     base = statistics.median(norms["policy loss"])
     for name, values in norms.items():
-        print(f"{name:<22} {statistics.median(values):>10.4f} {values[-1]:>10.4f}   {statistics.median(values) / base:>8.2f}x")
+        print(
+            f"{name:<22} {statistics.median(values):>10.4f} {values[-1]:>10.4f}   "
+            f"{statistics.median(values) / base:>8.2f}x"
+        )
 
 
 if __name__ == "__main__":

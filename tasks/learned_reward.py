@@ -26,7 +26,9 @@ class RewardModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         """Scalar rewards [B]. Positions count real tokens only, so left and right padding read the same states."""
         mask = attention_mask.long()
-        hidden = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+        ).last_hidden_state
         last = last_real_index(mask)
         return self.head(hidden[torch.arange(len(hidden), device=hidden.device), last].float()).squeeze(-1)
 
@@ -42,7 +44,9 @@ def score(model, tokenizer, texts, max_length, device, batch_size=16):
     tokenizer.truncation_side = "left"
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        ).to(device)
         out.append(model(enc.input_ids, enc.attention_mask))
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
@@ -59,7 +63,10 @@ def save(model, tokenizer, path, info):
         trunk.config.architectures = [type(trunk).__name__]
         trunk.config.save_pretrained(path)
         save_model(trunk, os.path.join(path, "model.safetensors"))
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()}, os.path.join(path, "reward_head.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()},
+        os.path.join(path, "reward_head.safetensors"),
+    )
     tokenizer.save_pretrained(path)
     with open(os.path.join(path, "reward_model.json"), "w") as f:
         json.dump(info, f, indent=1)
@@ -95,4 +102,10 @@ class LearnedReward:
 
     @torch.no_grad()
     def __call__(self, prompts, generations):
-        return score(self.model, self.tokenizer, [p + g for p, g in zip(prompts, generations)], self.max_length, self.device).float().cpu()
+        return (
+            score(
+                self.model, self.tokenizer, [p + g for p, g in zip(prompts, generations)], self.max_length, self.device
+            )
+            .float()
+            .cpu()
+        )

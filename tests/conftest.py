@@ -29,16 +29,24 @@ def _review(rng, positive):
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
     from transformers import PreTrainedTokenizerFast
 
-    words = ["\u2581" + w for w in [*POSITIVE, *NEGATIVE, *NEUTRAL, ".", ","]]  # Metaspace marks word starts with \u2581
+    words = [
+        "\u2581" + w for w in [*POSITIVE, *NEGATIVE, *NEUTRAL, ".", ","]
+    ]  # Metaspace marks word starts with \u2581
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}
     tok = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace(prepend_scheme="never")  # keep the space before a continuation
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]",
-                                   pad_token="<|endoftext|>", model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        unk_token="[UNK]",
+        pad_token="<|endoftext|>",
+        model_max_length=512,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -46,21 +54,45 @@ def tiny(tmp_path_factory):
     """Paths of the tiny assets: lm (causal LM dir), lm2 (another causal LM, a different guide), classifier, imdb,
     t5 (an encoder-decoder), common_gen (a CommonGen-format dataset directory), tldr and comparisons (TL;DR-format
     summaries and preference pairs)."""
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = _tokenizer()
     paths = {}
     for name, seed in (("lm", 0), ("lm2", 1)):
         torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         GPT2LMHeadModel(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         paths[name] = str(root / name)
     torch.manual_seed(2)
-    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=128,
-                              pad_token_id=0, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     DistilBertForSequenceClassification(config).save_pretrained(root / "classifier")
     tokenizer.save_pretrained(root / "classifier")
     paths["classifier"] = str(root / "classifier")
@@ -72,8 +104,18 @@ def tiny(tmp_path_factory):
                 f.write(json.dumps({"text": _review(rng, i % 2 == 0), "label": i % 2 == 0}) + "\n")
     paths["imdb"] = str(root / "imdb")
     torch.manual_seed(4)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-                      pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
     T5ForConditionalGeneration(config).save_pretrained(root / "t5")
     tokenizer.save_pretrained(root / "t5")
     paths["t5"] = str(root / "t5")
@@ -84,20 +126,51 @@ def tiny(tmp_path_factory):
             for i in range(sets):
                 concepts = sorted({words[j] for j in torch.randint(len(words), (3 + i % 3,), generator=rng).tolist()})
                 for k in range(2):  # two reference sentences per concept set, like CommonGen
-                    f.write(json.dumps({"concept_set_idx": i, "concepts": concepts, "target": f"the film {' and '.join(concepts)} {NEUTRAL[k]}"}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "concept_set_idx": i,
+                                "concepts": concepts,
+                                "target": f"the film {' and '.join(concepts)} {NEUTRAL[k]}",
+                            }
+                        )
+                        + "\n"
+                    )
     paths["common_gen"] = str(root / "common_gen")
     (root / "tldr").mkdir()  # CarperAI/openai_summarize_tldr's format: a post ending in "TL;DR:", its summary
     for split, n in (("train", 32), ("valid", 16), ("test", 8)):
         with open(root / "tldr" / f"{split}.jsonl", "w") as f:
             for i in range(n):
-                f.write(json.dumps({"prompt": f"POST: {_review(rng, i % 2 == 0)} TL;DR:", "label": " ".join(_review(rng, i % 2 == 0).split()[:5])}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": f"POST: {_review(rng, i % 2 == 0)} TL;DR:",
+                            "label": " ".join(_review(rng, i % 2 == 0).split()[:5]),
+                        }
+                    )
+                    + "\n"
+                )
     paths["tldr"] = str(root / "tldr")
-    (root / "comparisons").mkdir()  # CarperAI/openai_summarize_comparisons' format: the chosen summary is the positive one
+    (
+        root / "comparisons"
+    ).mkdir()  # CarperAI/openai_summarize_comparisons' format: the chosen summary is the positive one
     for split, n in (("train", 64), ("test", 32)):
         with open(root / "comparisons" / f"{split}.jsonl", "w") as f:
             for i in range(n):
-                good, bad = (" ".join(w for w in _review(rng, positive).split() if w in POSITIVE + NEGATIVE) for positive in (True, False))
-                f.write(json.dumps({"prompt": f"POST: {_review(rng, i % 2 == 0)}", "chosen": f"TL;DR: {good}", "rejected": f"TL;DR: {bad}"}) + "\n")
+                good, bad = (
+                    " ".join(w for w in _review(rng, positive).split() if w in POSITIVE + NEGATIVE)
+                    for positive in (True, False)
+                )
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": f"POST: {_review(rng, i % 2 == 0)}",
+                            "chosen": f"TL;DR: {good}",
+                            "rejected": f"TL;DR: {bad}",
+                        }
+                    )
+                    + "\n"
+                )
     paths["comparisons"] = str(root / "comparisons")
     return paths
 
@@ -119,12 +192,30 @@ def args_for(module, task, **values):
 
 def tiny_args(module, tiny, tmp_path, **overrides):
     """The script's Args on the imdb code path with the tiny assets and a budget of seconds."""
-    values = dict(task="imdb", dataset_name=tiny["imdb"], model_name=tiny["lm"], reward_model_name=tiny["classifier"],
-                  eval_lm_name=tiny["lm"], output_dir=str(tmp_path), device="cpu", prompt_len=8, max_new_tokens=6,
-                  min_new_tokens=6, num_iterations=2, rollouts_per_iteration=8, minibatch_size=4, ppo_epochs=2,
-                  learning_rate=1e-3, eval_every=1, eval_size=8, save_every=0)
+    values = dict(
+        task="imdb",
+        dataset_name=tiny["imdb"],
+        model_name=tiny["lm"],
+        reward_model_name=tiny["classifier"],
+        eval_lm_name=tiny["lm"],
+        output_dir=str(tmp_path),
+        device="cpu",
+        prompt_len=8,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        num_iterations=2,
+        rollouts_per_iteration=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        eval_every=1,
+        eval_size=8,
+        save_every=0,
+    )
     values.update(overrides)
-    if module.__name__ == "d2lols" and "alpha" not in overrides:  # the preset's switch (imdb: 20) is beyond a tiny run's end
+    if (
+        module.__name__ == "d2lols" and "alpha" not in overrides
+    ):  # the preset's switch (imdb: 20) is beyond a tiny run's end
         values["alpha"] = min(1, values["num_iterations"])
     return args_for(module, values.pop("task"), **values)
 
@@ -230,19 +321,46 @@ def recorder(monkeypatch):
 
     events = []
     reward = PositiveWords(events)
-    generate, forward, randperm, backward = common.generate_with_restarts, common.forward, torch.randperm, torch.Tensor.backward
+    generate, forward, randperm, backward = (
+        common.generate_with_restarts,
+        common.forward,
+        torch.randperm,
+        torch.Tensor.backward,
+    )
 
     def generate_spy(samplers, query, query_mask, rollin_by, rollout_by, *args, **kwargs):
         out = generate(samplers, query, query_mask, rollin_by, rollout_by, *args, **kwargs)
-        events.append(("rollout", dict(query=query.clone(), rollin_by=rollin_by.clone(), rollout_by=rollout_by.clone(),
-                                       scores=None, **{k: v.clone() for k, v in out.items()})))
+        events.append(
+            (
+                "rollout",
+                dict(
+                    query=query.clone(),
+                    rollin_by=rollin_by.clone(),
+                    rollout_by=rollout_by.clone(),
+                    scores=None,
+                    **{k: v.clone() for k, v in out.items()},
+                ),
+            )
+        )
         return out
 
     def forward_spy(model, value_head, query, query_mask, response, response_mask, **kwargs):
         out = forward(model, value_head, query, query_mask, response, response_mask, **kwargs)
-        events.append(("forward", dict(model=model, head=value_head is not None, grad=torch.is_grad_enabled(), query=query.clone(),
-                                       response=response.clone(), response_mask=response_mask.clone(),
-                                       logprobs=out[0].detach().clone(), values=None if out[1] is None else out[1].detach().clone())))
+        events.append(
+            (
+                "forward",
+                dict(
+                    model=model,
+                    head=value_head is not None,
+                    grad=torch.is_grad_enabled(),
+                    query=query.clone(),
+                    response=response.clone(),
+                    response_mask=response_mask.clone(),
+                    logprobs=out[0].detach().clone(),
+                    values=None if out[1] is None else out[1].detach().clone(),
+                ),
+            )
+        )
         return out
 
     def randperm_spy(*args, **kwargs):

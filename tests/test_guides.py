@@ -4,30 +4,34 @@ OpenAI-compatible server (`transformers serve`) on 127.0.0.1 as the guide of ppo
 import importlib.util
 import json
 import os
-import types
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
-from conftest import run
-from test_cli import cli
 
 import common
+from conftest import run
 from plumbing import decoding, guides, models
+from test_cli import cli
 
 
 def states(tokenizer, prompts, prefixes):
     query, query_mask = common.tokenize_prompts(tokenizer, prompts, 16, "left", "cpu")
-    prefix, prefix_mask = decoding._left_pad([torch.tensor(tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in prefixes],
-                                           tokenizer.pad_token_id, "cpu")
+    prefix, prefix_mask = decoding._left_pad(
+        [torch.tensor(tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in prefixes],
+        tokenizer.pad_token_id,
+        "cpu",
+    )
     return query, query_mask, prefix, prefix_mask
 
 
 class Scripted:
-    """A text continuer that records what it is asked and answers from a script: one (text, stopped) per call and state."""
+    """A text continuer that records what it is asked and answers from a script: one (text, stopped) per call and
+    state."""
 
     def __init__(self, *answers):
         self.answers, self.asked = list(answers), []
@@ -50,7 +54,9 @@ def test_text_restart_sends_the_exact_state_and_cuts_to_the_budget(tiny):
     assert complete.asked[1] == ([" a plot bland"], [3])  # 1 token < the minimum 3: asked again, from the longer state
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     assert tokens[0, :3].tolist() == ids(" great fun and") and lengths[0] == 3  # cut to the budget 3
-    assert tokens[1, :4].tolist() == ids(" bland boring mess") + [tokenizer.eos_token_id] and lengths[1] == 4  # stopped: EOS
+    assert (
+        tokens[1, :4].tolist() == ids(" bland boring mess") + [tokenizer.eos_token_id] and lengths[1] == 4
+    )  # stopped: EOS
 
 
 def test_seam_share_counts_the_states_that_re_tokenize_otherwise(tiny):
@@ -69,17 +75,37 @@ def test_text_restart_through_generate_with_restarts_marks_the_guide_tokens(tiny
     and by_guide marks exactly them; a rollout by the guide keeps the policy's prefix ids and marks the rest."""
     tokenizer = models.load_tokenizer(tiny["lm"])
     policy = models.load_lm(tiny["lm"], "cpu")
-    guide = guides.text_guide(lambda texts, n: [(" great great great great great great", False)] * len(texts), tokenizer)
+    guide = guides.text_guide(
+        lambda texts, n: [(" great great great great great great", False)] * len(texts), tokenizer
+    )
     samplers = {common.POLICY: decoding.sampler(policy, tokenizer, 0, 1.0), common.GUIDE: guide}
     query, query_mask, _, _ = states(tokenizer, ["the film", "a plot", "this movie"], ["", "", ""])
     great = tokenizer(" great", add_special_tokens=False).input_ids[0]
     rng = torch.Generator().manual_seed(0)
-    out = common.generate_with_restarts(samplers, query, query_mask, torch.full((3,), common.GUIDE), torch.full((3,), common.POLICY), 6, 6,
-                                        rng, tokenizer)
+    out = common.generate_with_restarts(
+        samplers,
+        query,
+        query_mask,
+        torch.full((3,), common.GUIDE),
+        torch.full((3,), common.POLICY),
+        6,
+        6,
+        rng,
+        tokenizer,
+    )
     for r, b, h in zip(out["response"], out["by_guide"], out["restart_at"].tolist()):
         assert 1 <= h <= 5 and b.tolist() == [True] * h + [False] * (6 - h) and (r[:h] == great).all()
-    out = common.generate_with_restarts(samplers, query, query_mask, torch.full((3,), common.POLICY), torch.full((3,), common.GUIDE), 6, 6,
-                                        rng, tokenizer)
+    out = common.generate_with_restarts(
+        samplers,
+        query,
+        query_mask,
+        torch.full((3,), common.POLICY),
+        torch.full((3,), common.GUIDE),
+        6,
+        6,
+        rng,
+        tokenizer,
+    )
     for r, b, h in zip(out["response"], out["by_guide"], out["restart_at"].tolist()):
         assert b.tolist() == [False] * h + [True] * (6 - h) and (r[h:] == great).all() and out["response_mask"].all()
 
@@ -89,20 +115,26 @@ def test_same_tokenizer_text_guide_gives_the_token_path_tokens(tiny):
     sampler samples from the same states and random stream (the tiny tokenizer's decode and encode round-trip)."""
     tokenizer = models.load_tokenizer(tiny["lm"])
     model = models.load_lm(tiny["lm2"], "cpu")
-    query, query_mask, prefix, prefix_mask = states(tokenizer, ["the film was", "a plot", "this movie is"], ["great and", "", "dull"])
+    query, query_mask, prefix, prefix_mask = states(
+        tokenizer, ["the film was", "a plot", "this movie is"], ["great and", "", "dull"]
+    )
     budget = torch.tensor([5, 5, 5])
     torch.manual_seed(7)
-    expected = decoding.sampler(model, tokenizer, 0, 1.0)(query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget))
+    expected = decoding.sampler(model, tokenizer, 0, 1.0)(
+        query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget)
+    )
     assert (expected[0] == tokenizer.eos_token_id).any()  # a row ended with the guide's own EOS
     torch.manual_seed(7)
     got = guides.text_guide(guides.local_completer(model, models.load_tokenizer(tiny["lm2"]), 0, 1.0), tokenizer)(
-        query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget))
+        query, query_mask, prefix, prefix_mask, budget, torch.zeros_like(budget)
+    )
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def other_tokenizer_lm(tiny, path):
     """A causal LM whose tokenizer numbers the policy's words differently (another model family, in miniature)."""
-    from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     vocab = models.load_tokenizer(tiny["lm"]).get_vocab()
@@ -110,9 +142,13 @@ def other_tokenizer_lm(tiny, path):
     shuffled = {w: i for i, w in enumerate(words[:2] + words[2:][::-1])}  # the same words, other ids
     tok = Tokenizer(tokenizer_models.WordLevel(shuffled, unk_token="[UNK]"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace(prepend_scheme="never")
-    other = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]", pad_token="<|endoftext|>")
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]", pad_token="<|endoftext|>"
+    )
     torch.manual_seed(5)
-    config = GPT2Config(vocab_size=len(shuffled), n_positions=64, n_embd=16, n_layer=1, n_head=1, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=len(shuffled), n_positions=64, n_embd=16, n_layer=1, n_head=1, bos_token_id=0, eos_token_id=0
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     other.save_pretrained(path)
     return str(path)
@@ -123,10 +159,18 @@ def test_a_guide_with_another_tokenizer_continues_text(tiny, tmp_path):
     perplexities would be in other ids); ppo_pp.py trains with it, and logs the seam's re-tokenization share."""
     path = other_tokenizer_lm(tiny, tmp_path / "other")
     tokenizer = models.load_tokenizer(tiny["lm"])
-    guide, model = models.load_guide(types.SimpleNamespace(guide_name=path, top_k=0, guide_top_p=1.0, guide_api_base=None, fast_decoding=False), tokenizer, {}, "cpu", torch.float32)
+    guide, model = models.load_guide(
+        types.SimpleNamespace(guide_name=path, top_k=0, guide_top_p=1.0, guide_api_base=None, fast_decoding=False),
+        tokenizer,
+        {},
+        "cpu",
+        torch.float32,
+    )
     assert model is None and hasattr(guide, "seam")
     _, rows = run("ppo_pp", tiny, tmp_path / "runs", guide_name=path, beta=1.0, num_iterations=1)
-    assert rows[1]["rlgf/guide_rollin_share"] == 1.0 and rows[1]["rlgf/guide_seam_retokenized"] == 0.0  # word-level: no seam
+    assert (
+        rows[1]["rlgf/guide_rollin_share"] == 1.0 and rows[1]["rlgf/guide_seam_retokenized"] == 0.0
+    )  # word-level: no seam
     assert "eval/guide_reward" in rows[0] and "eval/guide_perplexity" not in rows[0]
 
 
@@ -146,8 +190,11 @@ def server(tiny):
         pytest.skip("the served-guide test needs transformers' serving extras: pip install openai fastapi uvicorn")
     port = free_port()
     cli = os.path.join(os.path.dirname(sys.executable), "transformers")
-    process = subprocess.Popen([cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", tiny["lm"]],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", tiny["lm"]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import urllib.request
 
     try:
@@ -169,8 +216,15 @@ def test_served_guide_drives_a_run(name, tiny, tmp_path, server, monkeypatch):
     """ppo_pp.py and aggrevated.py train for an iteration with the served model as their guide (openai:MODEL); the
     API key ($OPENAI_API_KEY) appears nowhere in the run directory."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-0123456789")
-    run_dir, rows = run(name, tiny, tmp_path, guide_name=f"openai:{tiny['lm']}", guide_api_base=server, beta=1.0 if name == "ppo_pp" else 0.0,
-                        num_iterations=1)
+    run_dir, rows = run(
+        name,
+        tiny,
+        tmp_path,
+        guide_name=f"openai:{tiny['lm']}",
+        guide_api_base=server,
+        beta=1.0 if name == "ppo_pp" else 0.0,
+        num_iterations=1,
+    )
     assert "eval/guide_reward" in rows[0] and isinstance(rows[1]["loss/policy"], float)
     if name == "ppo_pp":
         assert rows[1]["rlgf/guide_rollin_share"] == 1.0
@@ -187,10 +241,29 @@ def test_served_guide_drives_a_run(name, tiny, tmp_path, server, monkeypatch):
 def test_served_guide_errors_are_one_line(tiny, tmp_path, server):
     """An endpoint nobody listens on, and a server that refuses the request (a model it does not serve): one line,
     exit status 2, no traceback."""
-    flags = ["ppo_pp.py", "--task", "imdb", "--dataset-name", tiny["imdb"], "--model-name", tiny["lm"], "--reward-model-name",
-            tiny["classifier"], "--eval-lm-name", tiny["lm"], "--output-dir", str(tmp_path), "--eval-size", "4"]
-    for guide, api_base, expected in ((f"openai:{tiny['lm']}", f"http://127.0.0.1:{free_port()}/v1", "cannot reach the guide's server"),
-                                      ("openai:no-such-model", server, "the server refused the request")):
+    flags = [
+        "ppo_pp.py",
+        "--task",
+        "imdb",
+        "--dataset-name",
+        tiny["imdb"],
+        "--model-name",
+        tiny["lm"],
+        "--reward-model-name",
+        tiny["classifier"],
+        "--eval-lm-name",
+        tiny["lm"],
+        "--output-dir",
+        str(tmp_path),
+        "--eval-size",
+        "4",
+    ]
+    for guide, api_base, expected in (
+        (f"openai:{tiny['lm']}", f"http://127.0.0.1:{free_port()}/v1", "cannot reach the guide's server"),
+        ("openai:no-such-model", server, "the server refused the request"),
+    ):
         out, _ = cli(*flags, "--guide-name", guide, "--guide-api-base", api_base)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-        assert out.stderr.strip().splitlines()[-1].startswith("error: --guide-api-base") and expected in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith("error: --guide-api-base") and expected in out.stderr, (
+            out.stderr[-2000:]
+        )

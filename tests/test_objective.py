@@ -11,21 +11,37 @@ import os
 
 import pytest
 import torch
-from conftest import iterations, run
 
 from common import GUIDE, NO_ROLLIN, POLICY
+from conftest import iterations, run
 
 # Settings that make every term of the loss matter: distinct gamma and lambda, a KL term that is not negligible, a large
 # learning rate and two epochs so that the ratio leaves the clip range, a tiny value clip range so that it binds.
-SETTINGS = dict(gamma=0.9, gae_lambda=0.6, kl_coef=0.3, mle_coef=0.7, vf_coef=0.4, clip_range=0.1, vf_clip_range=0.02,
-                learning_rate=3e-2, vf_learning_rate=3e-2, ppo_epochs=2, rollouts_per_iteration=16, minibatch_size=4,
-                eval_every=0, guide_name="conftest:constant_guide")
+SETTINGS = dict(
+    gamma=0.9,
+    gae_lambda=0.6,
+    kl_coef=0.3,
+    mle_coef=0.7,
+    vf_coef=0.4,
+    clip_range=0.1,
+    vf_clip_range=0.02,
+    learning_rate=3e-2,
+    vf_learning_rate=3e-2,
+    ppo_epochs=2,
+    rollouts_per_iteration=16,
+    minibatch_size=4,
+    eval_every=0,
+    guide_name="conftest:constant_guide",
+)
 
 CASES = {  # script, extra flags, what kind of sample each iteration holds
     "ppo": ("ppo", {}),
     "ppo_pp": ("ppo_pp", dict(beta=0.5)),
     "aggrevated": ("aggrevated", dict(beta=0.25)),
-    "aggrevated-variable-length": ("aggrevated", dict(beta=0.25, min_new_tokens=1, rollouts_per_iteration=64, minibatch_size=16)),
+    "aggrevated-variable-length": (
+        "aggrevated",
+        dict(beta=0.25, min_new_tokens=1, rollouts_per_iteration=64, minibatch_size=16),
+    ),
     "lols": ("lols", dict(alpha=0.5, beta_aggrevated=0.25, beta_ppo_pp=0.5)),
     "d2lols": ("d2lols", dict(alpha=1, beta_aggrevated=0.25, beta_ppo_pp=0.5)),
 }
@@ -85,15 +101,25 @@ def check_iteration(name, it, iteration, args, extra, logged):
     for i in range(batch):
         length = int(mask[i].sum())
         policy_tokens = [bool(mask[i, t] and not by_guide[i, t]) for t in range(length)]
-        kl = [(old["logprobs"][i, t] - ref["logprobs"][i, t]).item() if policy_tokens[t] else 0.0 for t in range(length)]
+        kl = [
+            (old["logprobs"][i, t] - ref["logprobs"][i, t]).item() if policy_tokens[t] else 0.0 for t in range(length)
+        ]
         kl_total += sum(kl)
         rewards = [-args.kl_coef * k for k in kl]
         rewards[-1] += scores[i].item()
         values = [old["values"][i, t, head[i]].item() for t in range(length)]
         adv = expected_advantages(rewards, values, policy_tokens, length, aggrevated[i], args.gamma, args.gae_lambda)
         value_tokens = [bool(by_guide[i, t]) if aggrevated[i] else policy_tokens[t] for t in range(length)]
-        per_sample.append(dict(length=length, policy=policy_tokens, value=value_tokens, adv=adv,
-                               returns=[a + v for a, v in zip(adv, values)], values=values))
+        per_sample.append(
+            dict(
+                length=length,
+                policy=policy_tokens,
+                value=value_tokens,
+                adv=adv,
+                returns=[a + v for a, v in zip(adv, values)],
+                values=values,
+            )
+        )
     assert logged["train/kl"] == pytest.approx(kl_total / batch, rel=1e-5, abs=1e-7)
     assert logged["train/reward"] == pytest.approx(scores.mean().item(), rel=1e-6)
 
@@ -101,7 +127,13 @@ def check_iteration(name, it, iteration, args, extra, logged):
     groups = [[False, True]] if name != "lols" else [[False], [True]]
     whitened = {}
     for kinds in groups:
-        keys = [(i, t) for i in range(batch) if aggrevated[i] in kinds for t in range(per_sample[i]["length"]) if per_sample[i]["policy"][t]]
+        keys = [
+            (i, t)
+            for i in range(batch)
+            if aggrevated[i] in kinds
+            for t in range(per_sample[i]["length"])
+            if per_sample[i]["policy"][t]
+        ]
         whitened.update(zip(keys, whiten([per_sample[i]["adv"][t] for i, t in keys])))
     weight = {False: 1.0, True: 1.0} if name != "lols" else {False: extra["alpha"], True: 1 - extra["alpha"]}
 
@@ -131,7 +163,11 @@ def check_iteration(name, it, iteration, args, extra, logged):
                         value_clip_bound |= (v_clip - ret) ** 2 > (v_new - ret) ** 2 + 1e-9
             mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
             kinds = set(weight) if name == "lols" else {False}
-            pg = sum(weight[k] * mean(pg_by_kind[k]) for k in kinds) if name == "lols" else mean(pg_by_kind[False] + pg_by_kind[True])
+            pg = (
+                sum(weight[k] * mean(pg_by_kind[k]) for k in kinds)
+                if name == "lols"
+                else mean(pg_by_kind[False] + pg_by_kind[True])
+            )
             vf_loss = 0.5 * mean(vf)
             ref_mask = mle["response_mask"]
             mle_loss = -(mle["logprobs"] * ref_mask).sum().item() / ref_mask.sum().item()
@@ -139,7 +175,10 @@ def check_iteration(name, it, iteration, args, extra, logged):
             assert step["loss"] == pytest.approx(total, rel=1e-4, abs=1e-5), (name, iteration)
             sums["pg"].append(pg), sums["vf"].append(vf_loss), sums["mle"].append(mle_loss)
     for key, logged_key in (("pg", "loss/policy"), ("vf", "loss/value"), ("mle", "loss/mle")):
-        assert logged[logged_key] == pytest.approx(sum(sums[key]) / len(sums[key]), rel=1e-4, abs=1e-5), (name, logged_key)
+        assert logged[logged_key] == pytest.approx(sum(sums[key]) / len(sums[key]), rel=1e-4, abs=1e-5), (
+            name,
+            logged_key,
+        )
     return clip_bound, value_clip_bound
 
 
@@ -154,8 +193,13 @@ def test_objective_by_hand(tiny, tmp_path, recorder, case):
     bound = [check_iteration(name, it, i + 1, args, extra, metrics[i + 1]) for i, it in enumerate(recorded)]
     assert any(b[0] for b in bound) and any(b[1] for b in bound)  # both clips were binding: the check saw them
     if case == "aggrevated-variable-length":  # pi_theta's own EOS is an action AggreVaTeD scores: h = L, no rollout
-        stopped = [((r["rollout"]["restart_at"] == r["rollout"]["response_mask"].sum(1)) & (r["rollout"]["rollin_by"] == POLICY)).any()
-                   for r in recorded]
+        stopped = [
+            (
+                (r["rollout"]["restart_at"] == r["rollout"]["response_mask"].sum(1))
+                & (r["rollout"]["rollin_by"] == POLICY)
+            ).any()
+            for r in recorded
+        ]
         assert any(stopped)
 
 
@@ -163,9 +207,8 @@ def test_objective_by_hand(tiny, tmp_path, recorder, case):
 def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     """The reward is the share of positive words; the guide (constant_guide) writes only positive words. Every script
     must raise the policy's own validation reward within a few iterations (a flipped sign makes it fall)."""
-    from conftest import PositiveWords
-
     import tasks
+    from conftest import PositiveWords
 
     events = []
     monkeypatch.setattr(tasks, "load_reward", lambda *args: PositiveWords(events))
@@ -178,8 +221,18 @@ def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     assert rewards[-1] > rewards[0] + (0.03 if name in ("aggrevated", "lols") else 0.15), rewards
 
 
-LEARNING = dict(num_iterations=8, rollouts_per_iteration=16, minibatch_size=8, ppo_epochs=2, learning_rate=1e-2,
-                vf_learning_rate=3e-2, eval_every=0, eval_size=16, guide_name="conftest:constant_guide", beta=0.0)
+LEARNING = dict(
+    num_iterations=8,
+    rollouts_per_iteration=16,
+    minibatch_size=8,
+    ppo_epochs=2,
+    learning_rate=1e-2,
+    vf_learning_rate=3e-2,
+    eval_every=0,
+    eval_size=16,
+    guide_name="conftest:constant_guide",
+    beta=0.0,
+)
 
 
 @pytest.mark.parametrize("case", ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"])

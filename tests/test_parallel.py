@@ -10,12 +10,23 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
+
+from conftest import ROOT
 from test_cli import cli
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--multi_gpu"]  # on a machine without a GPU: gloo processes on the CPU
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--multi_gpu",
+]  # on a machine without a GPU: gloo processes on the CPU
 
 
 def launch(processes, name, tiny, output_dir, *options, expect=0, **flags):
@@ -23,8 +34,14 @@ def launch(processes, name, tiny, output_dir, *options, expect=0, **flags):
     values = json.dumps(dict(tiny=tiny, output_dir=str(output_dir), **flags))
     command = [*LAUNCH, "--num_processes", str(processes)] if processes > 1 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run([*command, os.path.join(ROOT, "tests", "parallel.py"), name, values, *options], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [*command, os.path.join(ROOT, "tests", "parallel.py"), name, values, *options],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == expect or (expect and out.returncode != 0), out.stdout[-3000:] + out.stderr[-3000:]
     (run_dir,) = [os.path.join(output_dir, d) for d in os.listdir(output_dir)]
     return run_dir
@@ -35,9 +52,23 @@ def rows(run_dir):
         return [json.loads(line) for line in f]
 
 
-STATS = ("train/reward", "train/kl", "train/response_length", "policy/entropy", "critic/explained_variance", "loss/policy",
-         "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm", "eval/reward", "eval/kl", "eval/perplexity",
-         "eval/output_perplexity")
+STATS = (
+    "train/reward",
+    "train/kl",
+    "train/response_length",
+    "policy/entropy",
+    "critic/explained_variance",
+    "loss/policy",
+    "loss/value",
+    "loss/mle",
+    "policy/clipfrac",
+    "policy/approx_kl",
+    "grad_norm",
+    "eval/reward",
+    "eval/kl",
+    "eval/perplexity",
+    "eval/output_perplexity",
+)
 
 
 @pytest.mark.parametrize("name", ["ppo", "grpo"])
@@ -48,8 +79,20 @@ def test_two_processes_update_as_one_process_does(name, tiny, tmp_path):
     so does the evaluation after them (greedy, --top-k 1, on 6 prompts split 3 + 3). Whitening, token means and
     statistics over one process's share instead of the global batch, gradients not averaged, or an evaluation of the
     main process's share alone break it."""
-    flags = dict(num_iterations=1, rollouts_per_iteration=8, minibatch_size=8, ppo_epochs=2, gradient_accumulation_steps=2,
-                 mle_coef=0.1, learning_rate=3e-3, save_every=1, eval_size=6, max_new_tokens=6, min_new_tokens=0, top_k=1)
+    flags = dict(
+        num_iterations=1,
+        rollouts_per_iteration=8,
+        minibatch_size=8,
+        ppo_epochs=2,
+        gradient_accumulation_steps=2,
+        mle_coef=0.1,
+        learning_rate=3e-3,
+        save_every=1,
+        eval_size=6,
+        max_new_tokens=6,
+        min_new_tokens=0,
+        top_k=1,
+    )
     if name == "grpo":
         flags["group_size"] = 2
     one = launch(1, name, tiny, tmp_path / "one", "--fixed-episodes", **flags)
@@ -64,7 +107,9 @@ def test_two_processes_update_as_one_process_does(name, tiny, tmp_path):
     start = load_file(os.path.join(tiny["lm"], "model.safetensors"))
     moved = 0
     for key, value in weights_one.items():
-        torch.testing.assert_close(weights_two[key], value, rtol=1e-4, atol=2e-5)  # (Adam divides tiny gradients by tiny roots)
+        torch.testing.assert_close(
+            weights_two[key], value, rtol=1e-4, atol=2e-5
+        )  # (Adam divides tiny gradients by tiny roots)
         moved += key in start and not torch.equal(start[key], value)
     assert moved > 0  # the update did change the weights
 
@@ -86,7 +131,9 @@ def test_every_script_runs_under_accelerate_launch(name, tiny, tmp_path):
         assert len(f.readlines()) == 8  # 4 samples at each of the 2 evaluations: the main process's alone
     assert os.path.isfile(os.path.join(run_dir, "checkpoint", "training_state.pt"))
     state = torch.load(os.path.join(run_dir, "checkpoint", "training_state.pt"), weights_only=True)
-    assert len(state["streams"]) == 2 and not torch.equal(state["streams"][0]["torch_rng"], state["streams"][1]["torch_rng"])
+    assert len(state["streams"]) == 2 and not torch.equal(
+        state["streams"][0]["torch_rng"], state["streams"][1]["torch_rng"]
+    )
 
 
 def test_resume_with_two_processes_continues_exactly(tiny, tmp_path):
@@ -107,10 +154,28 @@ def test_a_minibatch_the_processes_cannot_share_is_one_line(tmp_path):
     """--minibatch-size 4 with --gradient-accumulation-steps 4 cannot be split among 2 processes: one line in each
     process, before any model loads, no traceback through this project's code (the launcher adds its own report of
     the failed processes), and the launch fails."""
-    out = subprocess.run([*LAUNCH, "--num_processes", "2", "ppo.py", "--minibatch-size", "4", "--gradient-accumulation-steps", "4",
-                          "--output-dir", str(tmp_path)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [
+            *LAUNCH,
+            "--num_processes",
+            "2",
+            "ppo.py",
+            "--minibatch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     ours = [line for line in out.stderr.splitlines() if line.strip().startswith(f'File "{ROOT}')]
     assert out.returncode != 0 and not ours, out.stderr[-2000:]
     message = "error: --minibatch-size must be a multiple of the 2 processes x --gradient-accumulation-steps 4"
-    assert out.stderr.count(message) == out.stderr.count("error: ") == 2, out.stderr[-2000:]  # the two may interleave on one line
+    assert out.stderr.count(message) == out.stderr.count("error: ") == 2, out.stderr[
+        -2000:
+    ]  # the two may interleave on one line

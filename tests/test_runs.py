@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run, tiny_args
 from safetensors.torch import load_file
 
+from conftest import ROOT, run, tiny_args
 from plumbing import UserError, models
 
 # A tiny ppo.py run through the command line: 3 iterations, a checkpoint after each, a linear learning-rate schedule.
@@ -22,13 +22,18 @@ FLAGS = dict(num_iterations=3, save_every=1, lr_schedule="linear", eval_size=4)
 
 def command_line(tiny, output_dir):
     args = tiny_args(__import__("ppo"), tiny, output_dir, **FLAGS)
-    flag = lambda k, v: (f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k}={v}")  # noqa: E731
+    flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k}={v}"  # noqa: E731
     return [flag(k.replace("_", "-"), v) for k, v in vars(args).items() if v is not None and k != "exp_name"]
 
 
 def crash(point, count, *argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "crash.py"), point, str(count), "ppo.py", *argv],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "crash.py"), point, str(count), "ppo.py", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def outcome(run_dir):
@@ -51,7 +56,10 @@ def straight(tiny, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("point, count, resumed_after", [("update", 12, 1), ("log", 3, 1), ("state", 2, 1), ("swap", 1, 2), ("cleanup", 2, 2)])
+@pytest.mark.parametrize(
+    "point, count, resumed_after",
+    [("update", 12, 1), ("log", 3, 1), ("state", 2, 1), ("swap", 1, 2), ("cleanup", 2, 2)],
+)
 def test_killed_anywhere_then_resumed_is_the_uninterrupted_run(tiny, tmp_path, straight, point, count, resumed_after):
     """SIGKILL mid-iteration 2, right after its metrics row, mid-checkpoint, inside the checkpoint swap and right after
     it; then `python ppo.py --resume DIR` alone (every other flag from the run's record) finishes the run with the
@@ -69,7 +77,9 @@ def test_killed_anywhere_then_resumed_is_the_uninterrupted_run(tiny, tmp_path, s
     expected_rows, expected_samples, expected_weights, _ = outcome(straight)
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert rows == expected_rows and samples == expected_samples and record == recorded
-    assert weights.keys() == expected_weights.keys() and all(torch.equal(weights[k], expected_weights[k]) for k in weights)
+    assert weights.keys() == expected_weights.keys() and all(
+        torch.equal(weights[k], expected_weights[k]) for k in weights
+    )
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint")) == ["checkpoint"]
 
 
@@ -119,7 +129,9 @@ def test_a_non_finite_reward_stops_the_run_and_spares_the_checkpoint(tiny, tmp_p
         return score
 
     monkeypatch.setattr(tasks, "load_reward", poisoned)
-    with pytest.raises(UserError, match=r"^iteration 2: non-finite task reward \(1 of 8 values\); stopped before the update"):
+    with pytest.raises(
+        UserError, match=r"^iteration 2: non-finite task reward \(1 of 8 values\); stopped before the update"
+    ):
         run(name, tiny, tmp_path / "nan", num_iterations=3, save_every=1, eval_size=4)
     (nan,) = [os.path.join(tmp_path / "nan", d) for d in os.listdir(tmp_path / "nan")]
     for name in ("model.safetensors", "training_state.pt"):
@@ -129,9 +141,12 @@ def test_a_non_finite_reward_stops_the_run_and_spares_the_checkpoint(tiny, tmp_p
         assert [json.loads(line)["iteration"] for line in f] == [0, 1]
 
 
-@pytest.mark.parametrize("name, poisoned, expected", [*[(n, "logprobs", "loss/policy") for n in SCRIPTS], ("ppo", "values", "loss/value")])
+@pytest.mark.parametrize(
+    "name, poisoned, expected", [*[(n, "logprobs", "loss/policy") for n in SCRIPTS], ("ppo", "values", "loss/value")]
+)
 def test_a_non_finite_loss_stops_before_the_optimizer_step(tiny, tmp_path, monkeypatch, name, poisoned, expected):
-    """NaN log-probs or values in the third minibatch step: one line naming the loss term, and that step is not taken."""
+    """NaN log-probs or values in the third minibatch step: one line naming the loss term, and that step is not
+    taken."""
     import common
 
     forward, calls = common.forward, []
@@ -171,9 +186,16 @@ def test_resume_refuses_changed_flags_and_another_script(tmp_path, straight):
     run_dir = shutil.copytree(straight, tmp_path / "run")
     before = digest(os.path.join(run_dir, "args.json"))
     done = cli("ppo.py", "--resume", str(run_dir), "--learning-rate", "0.5", "--kl-coef", "3")
-    one_line(done, "flags that differ from the run's record (args.json): --learning-rate 0.5 (the run's: 0.001), --kl-coef 3.0 (the run's: 0.001); only")
+    one_line(
+        done,
+        "flags that differ from the run's record (args.json): --learning-rate 0.5 (the run's: 0.001), "
+        "--kl-coef 3.0 (the run's: 0.001); only",
+    )
     assert digest(os.path.join(run_dir, "args.json")) == before
-    one_line(cli("d2lols.py", "--resume", str(run_dir)), f"that run was made by ppo.py; continue it with python ppo.py --resume {run_dir}")
+    one_line(
+        cli("d2lols.py", "--resume", str(run_dir)),
+        f"that run was made by ppo.py; continue it with python ppo.py --resume {run_dir}",
+    )
     done = cli("ppo.py", "--resume", str(run_dir), "--num-iterations", "4")
     assert done.returncode == 0, done.stderr[-2000:]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

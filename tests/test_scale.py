@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from conftest import run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import run
 from plumbing import models
 
 
@@ -62,10 +62,26 @@ def test_dtype_auto_is_float32_on_the_cpu():
 def test_gradient_accumulation_is_the_whole_minibatch(tiny, tmp_path, name):
     """One iteration, one minibatch step of 8 episodes: 4 micro-batches of 2 give the same logged losses and the same
     weights after the optimizer step as one pass over the 8 (policy, value and MLE terms; LOLS's two kinds)."""
-    flags = dict(num_iterations=1, ppo_epochs=1, minibatch_size=8, eval_every=0, eval_size=4, beta=0.5, alpha=0.5 if name == "lols" else 1)
+    flags = dict(
+        num_iterations=1,
+        ppo_epochs=1,
+        minibatch_size=8,
+        eval_every=0,
+        eval_size=4,
+        beta=0.5,
+        alpha=0.5 if name == "lols" else 1,
+    )
     one_dir, one = run(name, tiny, tmp_path / "k1", **flags)
     four_dir, four = run(name, tiny, tmp_path / "k4", gradient_accumulation_steps=4, **flags)
-    for key in ("loss/policy", "loss/value", "loss/mle", "policy/clipfrac", "policy/approx_kl", "grad_norm", "train/reward"):
+    for key in (
+        "loss/policy",
+        "loss/value",
+        "loss/mle",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "grad_norm",
+        "train/reward",
+    ):
         assert four[1][key] == pytest.approx(one[1][key], rel=1e-5, abs=1e-7), key
     a, b = (load_file(os.path.join(d, "checkpoint", "model.safetensors")) for d in (one_dir, four_dir))
     start = load_file(os.path.join(tiny["lm"], "model.safetensors"))
@@ -106,7 +122,9 @@ def test_lora_trains_adapters_on_one_copy_of_the_base(tiny, tmp_path, monkeypatc
     assert any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # B starts at zero: it moved
     fresh = models.load_lm(tiny["lm"], torch.device("cpu"))
     base = [p for n, p in policy.named_parameters() if "lora_" not in n]
-    assert sum(p.numel() for p in base) == sum(p.numel() for p in fresh.parameters())  # the base, once, and nothing else
+    assert sum(p.numel() for p in base) == sum(
+        p.numel() for p in fresh.parameters()
+    )  # the base, once, and nothing else
     ids = torch.randint(3, 30, (2, 7))
     with torch.no_grad():
         assert torch.equal(reference(input_ids=ids).logits, fresh(input_ids=ids).logits)
@@ -129,7 +147,9 @@ def test_lora_resume_continues_exactly(tiny, tmp_path, monkeypatch):
 def test_sft_with_lora_feeds_an_rl_run_with_lora(tiny, tmp_path):
     """sft.py --lora-r writes an adapter checkpoint; as --model-name it loads as the base with the adapter merged in
     (the RL run's iteration-0 perplexity is sft's final one), and the RL run puts its own adapters on top."""
-    sft_dir, sft = run("sft", tiny, tmp_path / "sft", num_epochs=1.0, batch_size=8, lora_r=4, lora_alpha=32, learning_rate=1e-2)
+    sft_dir, sft = run(
+        "sft", tiny, tmp_path / "sft", num_epochs=1.0, batch_size=8, lora_r=4, lora_alpha=32, learning_rate=1e-2
+    )
     checkpoint = os.path.join(sft_dir, "checkpoint")
     assert os.path.isfile(os.path.join(checkpoint, "adapter_model.safetensors"))
     assert sft[-1]["eval/perplexity"] < sft[0]["eval/perplexity"]

@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT
 
+from conftest import ROOT
 from plumbing import UserError, models
 from tasks import commongen, sentiment
 
@@ -29,7 +29,11 @@ def test_task_names_are_the_presets():
     import tasks
     from conftest import script
 
-    assert typing.get_args(tasks.Name) == tuple(tasks.TASKS) == ("rotten-tomatoes", "imdb", "commongen", "concepts", "tldr")
+    assert (
+        typing.get_args(tasks.Name)
+        == tuple(tasks.TASKS)
+        == ("rotten-tomatoes", "imdb", "commongen", "concepts", "tldr")
+    )
     assert tasks.TASKS["rotten-tomatoes"] == {}
     names = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft", "reward_model"]
     fields = {name: set(script(name).Args.__dataclass_fields__) for name in names}
@@ -39,10 +43,18 @@ def test_task_names_are_the_presets():
                 assert key in fields and set(value) <= fields[key], key
             else:
                 assert any(key in f for f in fields.values()), key
-    ppo_pp, aggrevated, d2lols = (tasks.defaults(script(name).Args, "tldr") for name in ("ppo_pp", "aggrevated", "d2lols"))
+    ppo_pp, aggrevated, d2lols = (
+        tasks.defaults(script(name).Args, "tldr") for name in ("ppo_pp", "aggrevated", "d2lols")
+    )
     assert (ppo_pp.gamma, ppo_pp.beta, ppo_pp.lora_r, ppo_pp.lora_alpha, aggrevated.beta) == (1.0, 0.6, 8, 64.0, 0.0)
     assert (d2lols.beta_ppo_pp, d2lols.beta_aggrevated, d2lols.alpha) == (0.6, 0.0, 10)
-    assert (ppo_pp.prompt_len, ppo_pp.truncation_side, ppo_pp.max_new_tokens, ppo_pp.vf_coef, ppo_pp.kl_coef) == (500, "right", 50, 0.2, 0.002)
+    assert (ppo_pp.prompt_len, ppo_pp.truncation_side, ppo_pp.max_new_tokens, ppo_pp.vf_coef, ppo_pp.kl_coef) == (
+        500,
+        "right",
+        50,
+        0.2,
+        0.002,
+    )
     assert tasks.defaults(script("reward_model").Args, "tldr").lora_r == 32
 
 
@@ -55,7 +67,9 @@ def test_eval_split_without_pairs_is_one_line(tiny):
     args = SimpleNamespace(task="commongen", dataset_name=tiny["common_gen"], eval_split="test")
     with pytest.raises(UserError, match="--eval-split test: .* has no pairs there"):
         tasks.load_data(args, models.load_tokenizer(tiny["t5"]))
-    data, _ = tasks.load_data(SimpleNamespace(**{**vars(args), "eval_split": "validation"}), models.load_tokenizer(tiny["t5"]))
+    data, _ = tasks.load_data(
+        SimpleNamespace(**{**vars(args), "eval_split": "validation"}), models.load_tokenizer(tiny["t5"])
+    )
     assert data["validation"] and not data["test"]
 
 
@@ -72,7 +86,11 @@ def test_imdb_path_on_local_copies(tiny):
         assert len(tokenizer(prompt, add_special_tokens=False).input_ids) == 5
         assert len(tokenizer(reference, add_special_tokens=False).input_ids) == 4
         matches = [o for o in originals if (prompt + reference).strip() in o]
-        assert len(matches) == 1 and matches[0].index(reference.strip()) == len(" ".join(matches[0].split()[: len(matches[0].split()) // 2])) + 1
+        assert (
+            len(matches) == 1
+            and matches[0].index(reference.strip())
+            == len(" ".join(matches[0].split()[: len(matches[0].split()) // 2])) + 1
+        )
     assert sum(positive for _, positive in labelled["train"]) == 32
 
 
@@ -98,14 +116,22 @@ def _reviews(n, seed):
 def test_bag_of_words_is_the_same_in_every_process(tmp_path):
     """Trained and scored in two processes with different string hash seeds (so sets of words iterate in different
     orders), the reward is the same to the last bit: one seed fixes a run, across processes too."""
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r}); import common, test_tasks; "
-            "from tasks import sentiment; models.CACHE_DIR = sys.argv[1]; "
-            "labelled = {'train': test_tasks._reviews(120, 0), 'validation': test_tasks._reviews(40, 1)}; "
-            "model = sentiment.BagOfWordsSentiment(labelled); print(model.score([t for t, _ in labelled['validation']]).tolist(), model.weight.sum().item())")
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+        "import test_tasks; from plumbing import models; from tasks import sentiment; models.CACHE_DIR = sys.argv[1]; "
+        "labelled = {'train': test_tasks._reviews(120, 0), 'validation': test_tasks._reviews(40, 1)}; "
+        "model = sentiment.BagOfWordsSentiment(labelled); "
+        "print(model.score([t for t, _ in labelled['validation']]).tolist(), model.weight.sum().item())"
+    )
     outputs = []
     for seed in ("1", "2"):
-        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / seed)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+        )
         outputs.append(done.stdout.strip().splitlines()[-1])
     assert outputs[0] == outputs[1]
 
@@ -197,8 +223,13 @@ REFS = [
     ["a woman cuts vegetables in the kitchen", "the chef is chopping vegetables on a board"],
     ["a cat sleeps on the sofa", "the cat is sleeping on a couch near the window"],
 ]
-HYPS = ["a man rides a horse on the beach", "a dog catches the frisbee in a park", "children play soccer on the grass field",
-        "a woman is chopping vegetables in a kitchen", "a cat is sleeping on the couch"]
+HYPS = [
+    "a man rides a horse on the beach",
+    "a dog catches the frisbee in a park",
+    "children play soccer on the grass field",
+    "a woman is chopping vegetables in a kitchen",
+    "a cat is sleeping on the couch",
+]
 PYCOCO_CIDER = [3.394074835824426, 3.282328657891393, 1.742282167790066, 2.5555563233918037, 2.6719241018008786]
 PYCOCO_BLEU4 = 0.42559765639438213
 
@@ -218,7 +249,9 @@ def test_cider_d_matches_pycocoevalcap_live():
     words = "a the man dog cat runs sits on in park beach red big small frisbee catches".split()
 
     def sentence():
-        return " ".join(words[i] for i in torch.randint(len(words), (int(torch.randint(3, 10, (1,), generator=g)),), generator=g))
+        return " ".join(
+            words[i] for i in torch.randint(len(words), (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
+        )
 
     refs = {i: [sentence() for _ in range(1 + i % 3)] for i in range(12)}
     hyps = {i: [sentence()] for i in range(12)}
@@ -233,14 +266,19 @@ def test_bleu4_matches_coco_bleu():
 
 
 def test_coco_tokenize():
-    assert commongen.coco_tokenize("A man's dog doesn't run, quickly... (really)!") == "a man 's dog does n't run quickly really"
+    assert (
+        commongen.coco_tokenize("A man's dog doesn't run, quickly... (really)!")
+        == "a man 's dog does n't run quickly really"
+    )
 
 
 def test_reward_idf_is_fixed_across_batches():
     """The reward's CIDEr-D uses the train references' idf: an item scores the same alone, in any batch, in any order
     (per-batch idf would give 0.0 alone and change with the batch)."""
     prompts = [f"p{i}" for i in range(5)]
-    reward = commongen.ConceptsReward({"references": dict(zip(prompts, REFS)), "concepts": {p: 3 for p in prompts}}, prompts)
+    reward = commongen.ConceptsReward(
+        {"references": dict(zip(prompts, REFS)), "concepts": {p: 3 for p in prompts}}, prompts
+    )
     together = reward(prompts, HYPS)
     assert torch.allclose(together, torch.tensor(PYCOCO_CIDER, dtype=together.dtype), atol=1e-5)  # train = these 5
     for i in range(5):
@@ -251,7 +289,9 @@ def test_reward_idf_is_fixed_across_batches():
 
 def test_metrics_split_easy_and_hard():
     prompts = [f"p{i}" for i in range(5)]
-    reward = commongen.ConceptsReward({"references": dict(zip(prompts, REFS)), "concepts": dict(zip(prompts, [3, 3, 4, 5, 3]))}, prompts)
+    reward = commongen.ConceptsReward(
+        {"references": dict(zip(prompts, REFS)), "concepts": dict(zip(prompts, [3, 3, 4, 5, 3]))}, prompts
+    )
     metrics = reward.metrics(prompts, HYPS)
     assert metrics["cider"] == pytest.approx(sum(PYCOCO_CIDER) / 5, abs=1e-6)
     easy = [PYCOCO_CIDER[i] for i in (0, 1, 4)]

@@ -8,18 +8,29 @@ import types
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, args_for, run, script
-from test_cli import cli
 
+from conftest import NEGATIVE, POSITIVE, args_for, run, script
 from plumbing import models
 from tasks import learned_reward
+from test_cli import cli
 
 
 def train_reward_model(tiny, tmp_path, **overrides):
     """reward_model.py on the tiny comparisons; returns (checkpoint directory, metrics rows)."""
     module = script("reward_model")
-    values = dict(task="tldr", dataset_name=tiny["comparisons"], model_name=tiny["lm"], output_dir=str(tmp_path), device="cpu", lora_r=0,
-                  learning_rate=3e-3, batch_size=8, num_epochs=3.0, max_length=48, eval_size=32)
+    values = dict(
+        task="tldr",
+        dataset_name=tiny["comparisons"],
+        model_name=tiny["lm"],
+        output_dir=str(tmp_path),
+        device="cpu",
+        lora_r=0,
+        learning_rate=3e-3,
+        batch_size=8,
+        num_epochs=3.0,
+        max_length=48,
+        eval_size=32,
+    )
     values.update(overrides)
     module.main(args_for(module, values.pop("task"), **values))
     (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path) if d.startswith("tldr__reward_model")]
@@ -45,7 +56,11 @@ def test_bradley_terry_loss_and_pair_accuracy():
 
 def test_the_reward_reads_the_last_real_token_whatever_the_padding(tiny):
 
-    assert learned_reward.last_real_index(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [3, 2, 0]
+    assert learned_reward.last_real_index(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [
+        3,
+        2,
+        0,
+    ]
     torch.manual_seed(0)
     model = learned_reward.RewardModel(learned_reward.load_trunk(tiny["lm"])).eval()
     tokenizer = models.load_tokenizer(tiny["lm"])
@@ -55,7 +70,12 @@ def test_the_reward_reads_the_last_real_token_whatever_the_padding(tiny):
         tokenizer.padding_side = side
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         scores[side] = model(enc.input_ids, enc.attention_mask)
-    alone = torch.cat([model(**{k: v for k, v in tokenizer([t], return_tensors="pt").items() if k != "token_type_ids"}) for t in texts])
+    alone = torch.cat(
+        [
+            model(**{k: v for k, v in tokenizer([t], return_tensors="pt").items() if k != "token_type_ids"})
+            for t in texts
+        ]
+    )
     torch.testing.assert_close(scores["left"], scores["right"], atol=1e-5, rtol=0)
     torch.testing.assert_close(scores["left"], alone, atol=1e-5, rtol=0)
     assert scores["left"].std() > 0  # not a constant
@@ -66,10 +86,19 @@ def test_the_trunk_keeps_tied_embeddings_saved_as_the_lm_head(tiny, tmp_path):
     checkpoint): the reward model's trunk gets the LM's embeddings, not random ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
     models.save_checkpoint_model(LlamaForCausalLM(config), models.load_tokenizer(tiny["lm"]), str(tmp_path / "tied"))
     lm = models.load_lm(str(tmp_path / "tied"), "cpu")
     torch.manual_seed(1)
@@ -96,7 +125,9 @@ def test_the_reward_model_trains_and_its_checkpoint_scores_as_trained(tiny, tmp_
 def test_a_lora_reward_model_saves_its_adapter_and_loads_merged(tiny, tmp_path):
 
     checkpoint, rows = train_reward_model(tiny, tmp_path, lora_r=4, lora_alpha=8.0, learning_rate=1e-2)
-    assert os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) and not os.path.isfile(os.path.join(checkpoint, "model.safetensors"))
+    assert os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(checkpoint, "model.safetensors")
+    )
     assert rows[-1]["eval/accuracy"] > rows[0]["eval/accuracy"]
     reward = learned_reward.LearnedReward(checkpoint, torch.device("cpu"))
     pairs = [json.loads(line) for line in open(os.path.join(tiny["comparisons"], "test.jsonl"))]
@@ -116,11 +147,30 @@ def test_tldr_runs_every_algorithm_with_the_presets_lora(tiny, tmp_path, reward_
         return lora(model, args)
 
     monkeypatch.setattr(models, "lora", lora_spy)
-    run_dir, rows = run(name, tiny, tmp_path, task="tldr", dataset_name=tiny["tldr"], reward_model_name=reward_dir[0], num_iterations=1,
-                        min_new_tokens=0, prompt_len=24, truncation_side=None, eval_size=6, **({"alpha": 1} if name == "d2lols" else {}))
+    run_dir, rows = run(
+        name,
+        tiny,
+        tmp_path,
+        task="tldr",
+        dataset_name=tiny["tldr"],
+        reward_model_name=reward_dir[0],
+        num_iterations=1,
+        min_new_tokens=0,
+        prompt_len=24,
+        truncation_side=None,
+        eval_size=6,
+        **({"alpha": 1} if name == "d2lols" else {}),
+    )
     assert seen["lora"] == (8, 64.0, 1.0, 0.002, 0.2)
     assert os.path.isfile(os.path.join(run_dir, "checkpoint", "adapter_model.safetensors"))
-    for key in ("eval/reward", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/perplexity", "eval/output_perplexity"):
+    for key in (
+        "eval/reward",
+        "eval/rouge1",
+        "eval/rouge2",
+        "eval/rougeL",
+        "eval/perplexity",
+        "eval/output_perplexity",
+    ):
         assert all(math.isfinite(r[key]) for r in rows if "eval/reward" in r), key
     assert 0 <= rows[-1]["eval/rouge1"] <= 1 and "eval/win_rate" not in rows[-1]
 
@@ -136,15 +186,26 @@ def test_rouge_is_rouge_score_with_stemming():
     assert out["rouge1"] == pytest.approx((10 / 11 + 0 + 1) / 3)  # stemming: cats -> cat, mats -> mat
     assert out["rouge2"] == pytest.approx((4 / 9 + 0 + 1) / 3)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    assert out["rougeL"] == pytest.approx(sum(scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generations, references)) / 3)
+    assert out["rougeL"] == pytest.approx(
+        sum(scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generations, references)) / 3
+    )
 
 
-@pytest.mark.parametrize("answer, choice", [
-    ("Comparison: A is shorter and keeps the point.\nPreferred: A", "A"),
-    ("Comparison: B says more.\nPreferred: \"B\"", "B"),
-    ("B", "B"), (" 'A'. ", "A"), ("answer: b", "B"), ("Summary A misses it; Summary B does not.\nPreferred: B", "B"),
-    ("Answer: A at first glance.\nOn reflection the second is tighter.\nPreferred: B", "B"), ("I cannot tell.", None), ("", None), ("Both A and B are fine", None),
-])
+@pytest.mark.parametrize(
+    "answer, choice",
+    [
+        ("Comparison: A is shorter and keeps the point.\nPreferred: A", "A"),
+        ('Comparison: B says more.\nPreferred: "B"', "B"),
+        ("B", "B"),
+        (" 'A'. ", "A"),
+        ("answer: b", "B"),
+        ("Summary A misses it; Summary B does not.\nPreferred: B", "B"),
+        ("Answer: A at first glance.\nOn reflection the second is tighter.\nPreferred: B", "B"),
+        ("I cannot tell.", None),
+        ("", None),
+        ("Both A and B are fine", None),
+    ],
+)
 def test_the_judges_answer_is_parsed(answer, choice):
     from tasks import summarize
 
@@ -160,21 +221,33 @@ def test_the_judges_order_is_random_per_item_and_balanced():
     n = 100
     assert always_a(["post"] * n, ["mine"] * n, ["theirs"] * n)["win_rate"] == 0.5  # position bias cancels exactly
     first = always_a.positions(n)
-    assert sum(first) == n // 2 and first != sorted(first) and first != summarize.Judge(always_a.complete, template, seed=2).positions(n)
+    assert (
+        sum(first) == n // 2
+        and first != sorted(first)
+        and first != summarize.Judge(always_a.complete, template, seed=2).positions(n)
+    )
 
     def prefers(summary):
         return lambda prompts: ["A" if f"Summary A: {summary}" in p else "B" for p in prompts]
 
-    assert summarize.Judge(prefers("mine"), template, 1)(["post"] * 7, ["mine"] * 7, ["theirs"] * 7) == {"win_rate": 1.0, "judge_unparsed": 0.0}
-    assert summarize.Judge(prefers("theirs"), template, 1)(["post"] * 7, ["mine"] * 7, ["theirs"] * 7)["win_rate"] == 0.0
-    odd = summarize.Judge(lambda prompts: ["A", "no idea", "B", "B"], template, 1)(["p"] * 4, ["mine"] * 4, ["theirs"] * 4)
+    assert summarize.Judge(prefers("mine"), template, 1)(["post"] * 7, ["mine"] * 7, ["theirs"] * 7) == {
+        "win_rate": 1.0,
+        "judge_unparsed": 0.0,
+    }
+    assert (
+        summarize.Judge(prefers("theirs"), template, 1)(["post"] * 7, ["mine"] * 7, ["theirs"] * 7)["win_rate"] == 0.0
+    )
+    odd = summarize.Judge(lambda prompts: ["A", "no idea", "B", "B"], template, 1)(
+        ["p"] * 4, ["mine"] * 4, ["theirs"] * 4
+    )
     assert odd["judge_unparsed"] == 0.25
     with pytest.raises(UserError, match="must contain"):
         summarize.Judge(always_a.complete, "Post: {post}\nA: {summary_a}", 1)
 
 
 def test_best_of_n_keeps_the_rewards_argmax(tiny):
-    """N samples per prompt; the kept one is the argmax of the reward among that prompt's N (here: its count of POSITIVE words)."""
+    """N samples per prompt; the kept one is the argmax of the reward among that prompt's N (here: its count of POSITIVE
+    words)."""
     import common
 
     tokenizer = models.load_tokenizer(tiny["lm"])
@@ -195,9 +268,13 @@ def test_best_of_n_keeps_the_rewards_argmax(tiny):
         calls.append(len(generations))
         return torch.tensor([value(g) for g in generations], dtype=torch.float64)
 
-    args = types.SimpleNamespace(prompt_len=8, truncation_side="left", max_new_tokens=5, min_new_tokens=5, eval_best_of=4)
+    args = types.SimpleNamespace(
+        prompt_len=8, truncation_side="left", max_new_tokens=5, min_new_tokens=5, eval_best_of=4
+    )
     pairs = [(f"the film {w}", " great") for w in NEGATIVE[:6]]
-    metrics, samples = common.evaluate(generate, None, eval_lm, tokenizer, reward, pairs, args, torch.device("cpu"), seed=0, batch_size=4)
+    metrics, samples = common.evaluate(
+        generate, None, eval_lm, tokenizer, reward, pairs, args, torch.device("cpu"), seed=0, batch_size=4
+    )
     candidates = [t for batch in drawn for t in batch]
     assert len(candidates) == 4 * len(pairs)
     kept = [max(candidates[4 * i : 4 * i + 4], key=value) for i in range(len(pairs))]  # prompt i's four, side by side
@@ -206,7 +283,9 @@ def test_best_of_n_keeps_the_rewards_argmax(tiny):
     assert metrics["eval/reward"] == pytest.approx(sum(map(value, kept)) / len(pairs))
     args.eval_best_of = 1
     drawn.clear()
-    plain, _ = common.evaluate(generate, None, eval_lm, tokenizer, reward, pairs, args, torch.device("cpu"), seed=0, batch_size=4)
+    plain, _ = common.evaluate(
+        generate, None, eval_lm, tokenizer, reward, pairs, args, torch.device("cpu"), seed=0, batch_size=4
+    )
     assert len([t for batch in drawn for t in batch]) == len(pairs) and plain["eval/reward"] < metrics["eval/reward"]
 
 
@@ -217,13 +296,27 @@ def test_a_judge_gives_the_win_rate_in_the_evaluation(tiny, tmp_path, reward_dir
     monkeypatch.setattr(summarize, "JUDGE_MAX_TOKENS", 16)  # the tiny LM has 128 positions
     prompt = tmp_path / "judge.txt"
     prompt.write_text("{post} A: {summary_a} B: {summary_b} Preferred:")
-    _, rows = run("ppo", tiny, tmp_path / "run", task="tldr", dataset_name=tiny["tldr"], reward_model_name=reward_dir[0], num_iterations=1,
-                  min_new_tokens=0, prompt_len=24, eval_size=6, lora_r=0, eval_judge=tiny["lm"], eval_judge_prompt=str(prompt))
+    _, rows = run(
+        "ppo",
+        tiny,
+        tmp_path / "run",
+        task="tldr",
+        dataset_name=tiny["tldr"],
+        reward_model_name=reward_dir[0],
+        num_iterations=1,
+        min_new_tokens=0,
+        prompt_len=24,
+        eval_size=6,
+        lora_r=0,
+        eval_judge=tiny["lm"],
+        eval_judge_prompt=str(prompt),
+    )
     assert rows[-1]["eval/judge_unparsed"] == 1.0 and rows[-1]["eval/win_rate"] == 0.0
 
 
 def test_a_learned_reward_model_replaces_the_tasks_reward(tiny, tmp_path, reward_dir):
-    """--reward-model-name DIR of reward_model.py on another task (the imdb code path): the run's reward is its raw score."""
+    """--reward-model-name DIR of reward_model.py on another task (the imdb code path): the run's reward is its raw
+    score."""
     import tasks
 
     args = types.SimpleNamespace(task="imdb", reward_model_name=reward_dir[0], dtype="float32", seed=1)
@@ -235,18 +328,51 @@ def test_a_learned_reward_model_replaces_the_tasks_reward(tiny, tmp_path, reward
 def test_tldr_offline_fails_fast_with_the_hub_names():
     done, seconds = cli("ppo.py", "--task", "tldr")
     assert done.returncode == 2 and seconds < 60
-    for needed in ("cannot reach the Hugging Face hub", "--dataset-name CarperAI/openai_summarize_tldr",
-                   "--model-name CarperAI/openai_summarize_tldr_sft", "--task rotten-tomatoes"):
+    for needed in (
+        "cannot reach the Hugging Face hub",
+        "--dataset-name CarperAI/openai_summarize_tldr",
+        "--model-name CarperAI/openai_summarize_tldr_sft",
+        "--task rotten-tomatoes",
+    ):
         assert needed in done.stderr, done.stderr
     done, _ = cli("reward_model.py", "--task", "tldr")
     assert done.returncode == 2 and "--dataset-name CarperAI/openai_summarize_comparisons" in done.stderr, done.stderr
 
 
 def test_tldr_needs_a_reward_model_and_the_judge_needs_its_prompt(tiny, tmp_path, reward_dir):
-    done, _ = cli("ppo.py", "--task", "tldr", "--dataset-name", tiny["tldr"], "--model-name", tiny["lm"], "--eval-lm-name", tiny["lm"])
-    assert done.returncode == 2 and "--task tldr needs --reward-model-name" in done.stderr and "reward_model.py --task tldr" in done.stderr
-    done, _ = cli("ppo.py", "--task", "tldr", "--dataset-name", tiny["tldr"], "--model-name", tiny["lm"], "--eval-lm-name", tiny["lm"],
-                  "--reward-model-name", reward_dir[0], "--eval-judge", tiny["lm"], "--output-dir", str(tmp_path))
+    done, _ = cli(
+        "ppo.py",
+        "--task",
+        "tldr",
+        "--dataset-name",
+        tiny["tldr"],
+        "--model-name",
+        tiny["lm"],
+        "--eval-lm-name",
+        tiny["lm"],
+    )
+    assert (
+        done.returncode == 2
+        and "--task tldr needs --reward-model-name" in done.stderr
+        and "reward_model.py --task tldr" in done.stderr
+    )
+    done, _ = cli(
+        "ppo.py",
+        "--task",
+        "tldr",
+        "--dataset-name",
+        tiny["tldr"],
+        "--model-name",
+        tiny["lm"],
+        "--eval-lm-name",
+        tiny["lm"],
+        "--reward-model-name",
+        reward_dir[0],
+        "--eval-judge",
+        tiny["lm"],
+        "--output-dir",
+        str(tmp_path),
+    )
     assert done.returncode == 2 and "--eval-judge needs --eval-judge-prompt" in done.stderr, done.stderr
     done, _ = cli("ppo.py", "--eval-judge", tiny["lm"])
     assert done.returncode == 2 and "the judged win rate is a tldr metric" in done.stderr
