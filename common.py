@@ -129,52 +129,61 @@ def restart_stats(rollout, rollin_by):
 class ValueHeads(torch.nn.Module):
     """`heads` linear value heads on pi_theta's last hidden state, zero-initialised (no random numbers drawn). Each
     head's values are computed on their own, so that a script with two heads gives the first head's values, and the
-    trunk's gradients from them, bit for bit as a script with one head does."""
+    trunk's gradients from them, bit for bit as a script with one head does. With a trunk of their own (--critic
+    separate: models.critic_trunk), the heads read its hidden states instead, and no gradient of theirs reaches the
+    policy."""
 
-    def __init__(self, hidden_size, heads):
+    def __init__(self, hidden_size, heads, trunk=None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(heads, hidden_size))
         self.bias = torch.nn.Parameter(torch.zeros(heads))
+        self.trunk = trunk  # not a submodule: its weights are trained with the policy's (a LoRA adapter of its model)
 
     def forward(self, states):
         return torch.stack([states @ w + b for w, b in zip(self.weight, self.bias)], -1)
 
 
 def value_head(policy, heads, device):
-    return ValueHeads(policy.config.hidden_size, heads).to(device)
+    return ValueHeads(policy.config.hidden_size, heads, getattr(policy, "critic_trunk", None)).to(device)
+
+
+def _inputs(config, query, query_mask, response, response_mask):
+    """The model inputs of prompt + response, and where the response's next-token predictions start."""
+    if config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
+        start = response.new_full((len(response), 1), config.decoder_start_token_id)
+        decoder_mask = torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1)
+        inputs = dict(input_ids=query, attention_mask=query_mask.long(), decoder_attention_mask=decoder_mask)
+        return inputs | dict(decoder_input_ids=torch.cat([start, response[:, :-1]], 1)), 0
+    mask = torch.cat([query_mask, response_mask], 1).long()  # one sequence: position Lq - 1 + t predicts response[t]
+    inputs = dict(
+        input_ids=torch.cat([query, response], 1), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+    )
+    return inputs, query.shape[1] - 1
 
 
 def _logits(model, query, query_mask, response, response_mask, hidden=False):
     """Next-token logits at every response position [B, N, V] (and the last hidden states there, when asked)."""
     config = model.module.config if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.config
-    if config.is_encoder_decoder:  # decoder input: [start] + response[:-1]; position t predicts response[t]
-        start = response.new_full((len(response), 1), config.decoder_start_token_id)
-        out = model(
-            input_ids=query,
-            attention_mask=query_mask.long(),
-            decoder_input_ids=torch.cat([start, response[:, :-1]], 1),
-            decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1].long()], 1),
-            output_hidden_states=hidden,
-        )
-        return out.logits.float(), out.decoder_hidden_states[-1] if hidden else None
-    mask = torch.cat([query_mask, response_mask], 1).long()  # one sequence: position Lq - 1 + t predicts response[t]
-    out = model(
-        input_ids=torch.cat([query, response], 1),
-        attention_mask=mask,
-        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-        output_hidden_states=hidden,
-    )
-    start = query.shape[1] - 1
-    return out.logits[:, start:-1].float(), out.hidden_states[-1][:, start:-1] if hidden else None
+    inputs, start = _inputs(config, query, query_mask, response, response_mask)
+    out = model(**inputs, output_hidden_states=hidden)
+    n = response.shape[1]
+    states = (out.decoder_hidden_states if config.is_encoder_decoder else out.hidden_states)[-1] if hidden else None
+    return out.logits[:, start : start + n].float(), states[:, start : start + n] if hidden else None
 
 
 def forward(model, value_head, query, query_mask, response, response_mask, entropy=False):
     """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
     value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t). entropy=True adds the
     entropy of pi(. | s_t) [B, N] as a third output."""
-    logits, states = _logits(model, query, query_mask, response, response_mask, hidden=value_head is not None)
+    trunk = getattr(getattr(value_head, "module", value_head), "trunk", None)  # a separate critic's (DDP: .module)
+    logits, states = _logits(
+        model, query, query_mask, response, response_mask, hidden=value_head is not None and trunk is None
+    )
     logp = logits.log_softmax(-1)
     logprobs = torch.gather(logp, 2, response[..., None]).squeeze(-1)
+    if trunk is not None:  # the critic's own trunk reads the same tokens
+        inputs, start = _inputs(trunk.config, query, query_mask, response, response_mask)
+        states = trunk(**inputs)[:, start : start + response.shape[1]]
     values = value_head(states.float()) if value_head is not None else None
     if entropy:
         return logprobs, values, -(logp.exp() * logp).sum(-1)

@@ -49,7 +49,7 @@ class Args:
     top_p: float = 1.0
     """nucleus mass of pi_theta's sampling (1: off)"""
 
-    # GRPO
+    # The RL update
     num_iterations: int = 12
     """collect-then-update iterations"""
     rollouts_per_iteration: int = 32
@@ -249,6 +249,7 @@ def main(args):
                     stats[k].append(v.item())
 
         # Log, evaluate, checkpoint
+        runs.check_weights(iteration, policy, value_head)
         row = {
             "iteration": iteration,
             "episodes": iteration * args.rollouts_per_iteration,

@@ -63,7 +63,7 @@ class Args:
     """T: every sample is first pi_theta's own; in a group whose samples all scored below T, the members that drew a
     guide rollin (probability beta) are sampled again with it, the others keep their own (None: off)"""
 
-    # GRPO
+    # The RL update
     num_iterations: int = 12
     """collect-then-update iterations"""
     rollouts_per_iteration: int = 32
@@ -283,6 +283,7 @@ def main(args):
                     stats[k].append(v.item())
 
         # Log, evaluate, checkpoint
+        runs.check_weights(iteration, policy, value_head)
         row = {
             "iteration": iteration,
             "episodes": iteration * args.rollouts_per_iteration,

@@ -49,7 +49,7 @@ class Args:
     top_p: float = 1.0
     """nucleus mass of pi_theta's sampling (1: off)"""
 
-    # PPO
+    # The RL update
     num_iterations: int = 12
     """collect-then-update iterations"""
     rollouts_per_iteration: int = 32
@@ -74,6 +74,8 @@ class Args:
     """value clip"""
     vf_coef: float = 0.5
     """value loss coefficient"""
+    critic: Literal["shared", "separate"] = "shared"
+    """the value heads' trunk: pi_theta's (shared), or a LoRA adapter of their own on the base (separate: --lora-r)"""
     kl_coef: float = 0.001
     """lambda_kl: fixed per-token KL penalty coefficient"""
     mle_coef: float = 0.1
@@ -260,6 +262,7 @@ def main(args):
                     stats[k].append(v.item())
 
         # Log, evaluate, checkpoint
+        runs.check_weights(iteration, policy, value_head)
         row = {
             "iteration": iteration,
             "episodes": iteration * args.rollouts_per_iteration,

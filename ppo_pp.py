@@ -58,7 +58,7 @@ class Args:
     beta: float = 0.2
     """the guide's share of rollins: each sample rolls in with pi_g with probability beta"""
 
-    # PPO
+    # The RL update
     num_iterations: int = 12
     """collect-then-update iterations"""
     rollouts_per_iteration: int = 32
@@ -83,6 +83,8 @@ class Args:
     """value clip"""
     vf_coef: float = 0.5
     """value loss coefficient"""
+    critic: Literal["shared", "separate"] = "shared"
+    """the value heads' trunk: pi_theta's (shared), or a LoRA adapter of their own on the base (separate: --lora-r)"""
     kl_coef: float = 0.001
     """lambda_kl: fixed per-token KL penalty coefficient"""
     mle_coef: float = 0.1
@@ -274,6 +276,7 @@ def main(args):
                     stats[k].append(v.item())
 
         # Log, evaluate, checkpoint
+        runs.check_weights(iteration, policy, value_head)
         row = {
             "iteration": iteration,
             "episodes": iteration * args.rollouts_per_iteration,

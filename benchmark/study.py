@@ -17,12 +17,14 @@ Writes {output}/table.md, {output}/results.json and {output}/reward_curve.png (t
 reward against episodes and against eval/kl; needs matplotlib, optional). Runs and final evaluations already in
 {output}/runs are reused, and the table says which runs; runs cut short (a study killed midway) are run again."""
 
+import ctypes
 import json
 import math
 import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,12 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-import tyro
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import ppo  # noqa: E402
 import tasks  # noqa: E402
+from plumbing import UserError, check  # noqa: E402
 from plumbing.runs import complete as checkpoint_complete  # noqa: E402
+from plumbing.runs import parse  # noqa: E402
 
 ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp"]
 METRICS = [("eval/reward", "reward"), ("eval/perplexity", "perplexity"), ("eval/output_perplexity", "output ppl")]
@@ -79,8 +82,22 @@ class Args:
 
 
 def run(argv, log):
+    """A child run, its output to log. The study owns its children: a child ends when the study ends (kill -9
+    included: the kernel sends it SIGKILL when its parent dies), so a study run again never races one left behind."""
     with open(log, "w") as f:
-        subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+    if done.returncode != 0:
+        with open(log) as f:
+            last = ([line.strip() for line in f if line.strip()] or ["(no output)"])[-1]
+        raise UserError(f"{argv[0]} stopped (exit {done.returncode}): {last[:300]} (its log: {log})")
+
+
+def die_with_parent():
+    """In the child, before it starts: Linux's prctl(PR_SET_PDEATHSIG, SIGKILL), so it dies with the study."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def rows(run_dir):
@@ -157,7 +174,7 @@ def main(args, extra):
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     runs = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-    rollouts = args.rollouts_per_iteration or tasks.TASKS[args.task]["rollouts_per_iteration"]
+    rollouts = args.rollouts_per_iteration or tasks.defaults(ppo.Args, args.task).rollouts_per_iteration
     common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), "--eval-split", args.eval_split, *extra]
 
     # 1. SFT on the positive reviews
@@ -246,11 +263,11 @@ def main(args, extra):
             run(argv, os.path.join(parent, "log.txt"))
         run_dir = the_run(parent)
         run_checkpoint, path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "final_eval.json")
-        if not done(path) and not os.path.isdir(run_checkpoint):
-            sys.exit(
-                f"error: {run_dir} has no checkpoint to evaluate (deleted after a final evaluation with other "
-                f"settings): delete {parent} to run it again"
-            )
+        check(
+            done(path) or os.path.isdir(run_checkpoint),
+            f"{run_dir} has no checkpoint to evaluate (deleted after a final evaluation with other settings): delete "
+            f"{parent} to run it again",
+        )
         result = final_eval(path, ["--model-name", run_checkpoint])
         if not args.keep_checkpoints:
             shutil.rmtree(run_checkpoint, ignore_errors=True)
@@ -412,12 +429,19 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def check_args(args):
+    unknown = sorted(set(args.algorithms) - set(ALGORITHMS))
+    check(not unknown, f"unknown algorithm(s) {', '.join(unknown)}; choose from: {', '.join(ALGORITHMS)}")
+    check(args.seeds >= 1 and args.final_eval_size >= 0, "--seeds must be >= 1, --final-eval-size >= 0 (0: all)")
+    check(args.parallel >= 1 and args.num_iterations >= 1, "--parallel and --num-iterations must be >= 1")
+
+
 if __name__ == "__main__":
     split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    study_args = tyro.cli(Args, args=sys.argv[1:split])
-    unknown = sorted(set(study_args.algorithms) - set(ALGORITHMS))
-    if unknown:
-        sys.exit(f"error: unknown algorithm(s) {', '.join(unknown)}; choose from: {', '.join(ALGORITHMS)}")
-    if study_args.seeds < 1 or study_args.final_eval_size < 0:
-        sys.exit("error: --seeds must be >= 1 and --final-eval-size >= 0 (0: the whole split)")
-    main(study_args, sys.argv[split + 1 :])
+    try:
+        study_args = parse(Args, sys.argv[1:split])
+        check_args(study_args)
+        main(study_args, sys.argv[split + 1 :])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

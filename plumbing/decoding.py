@@ -2,6 +2,8 @@
 and a KV cache, a static-cache variant for CUDA graphs (--fast-decoding), and beam search. common.generate_with_restarts
 only ever calls `sampler(...)`'s result; this is how it continues a batch of states."""
 
+import collections
+
 import torch
 import transformers
 
@@ -156,16 +158,22 @@ def _decode_step(model, compiled):
     return model._compiled_decode_step
 
 
+MAX_STATIC_CACHES = 4  # per model: the least recently used shape's cache goes first (a cache is many GB at GPT-J size)
+
+
 def _static_cache(model, batch, length):
     """The model's StaticCache for (batch, length), made once and reset (zeroed, its write position back to 0) on
-    reuse."""
+    reuse; at most MAX_STATIC_CACHES of them are kept."""
     caches = getattr(model, "_static_caches", None)
     if caches is None:
-        caches = model._static_caches = {}
+        caches = model._static_caches = collections.OrderedDict()
     if (batch, length) not in caches:
         caches[batch, length] = transformers.StaticCache(config=model.config, max_cache_len=length)
+        while len(caches) > MAX_STATIC_CACHES:
+            caches.popitem(last=False)
     else:
         caches[batch, length].reset()
+        caches.move_to_end((batch, length))
     return caches[batch, length]
 
 
@@ -186,6 +194,10 @@ def sample_static(
     compiled=False,
 ):
     """`sample` for a causal LM over a static KV cache (see above): the same arguments, the same result."""
+    if hasattr(model, "adapters_off"):  # LoRA's pi_0 (models.AdaptersOff): its adapters stay off for the whole loop,
+        with model.adapters_off():  # so that the compiled step is the plain model's and traces as one graph
+            args = query, query_mask, prefix, prefix_mask, max_new, min_new, top_k, top_p, greedy, eos_id, pad_id
+            return sample_static(model.peft_model, *args, compiled=compiled)
     batch, steps, device = query.shape[0], int(max_new.max()) if len(max_new) else 0, query.device
     inputs = _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id)
     width = inputs["input_ids"].shape[1]

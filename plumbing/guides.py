@@ -14,6 +14,7 @@ rlgf/guide_seam_retokenized (seam_stats)."""
 
 import concurrent.futures
 import os
+import urllib.parse
 
 import torch
 
@@ -27,39 +28,57 @@ ASKS = 4  # a guide that stops before the sample's minimum length is asked to co
 def text_guide(complete, tokenizer):
     """complete(texts, max_tokens) -> [(continuation text, stopped: it ended with the guide's EOS)], max_tokens per
     text."""
-    seam = {"states": 0, "retokenized": 0}
+    seam = {"states": 0, "retokenized": 0, "text_changed": 0}
 
     def continue_prefixes(query, query_mask, prefix, prefix_mask, max_new, min_new):
         n, budget, minimum = len(query), max_new.tolist(), min_new.tolist()
         kept = [p[m].tolist() for p, m in zip(prefix, prefix_mask)]
-        states = [
-            tokenizer.decode(q[qm].tolist() + k, skip_special_tokens=True) for q, qm, k in zip(query, query_mask, kept)
-        ]
+        context = [q[qm].tolist() + k for q, qm, k in zip(query, query_mask, kept)]  # the state, in the policy's ids
+        states = [tokenizer.decode(c, skip_special_tokens=True) for c in context]
         text, new, stopped = [""] * n, [[] for _ in range(n)], [False] * n
         for _ in range(ASKS):
             ask = [i for i in range(n) if len(new[i]) < minimum[i] or (not stopped[i] and len(new[i]) < budget[i])]
             if not ask:
                 break
-            for i, (more, ended) in zip(
-                ask, complete([states[i] + text[i] for i in ask], [budget[i] - len(new[i]) for i in ask])
-            ):
+            answers = complete([states[i] + text[i] for i in ask], [budget[i] - len(new[i]) for i in ask])
+            for i, (more, ended) in zip(ask, answers):
                 text[i] += more
-                new[i] = tokenizer(text[i], add_special_tokens=False).input_ids[: budget[i]]
+                new[i] = continuation_ids(tokenizer, context[i], text[i])[: budget[i]]
                 stopped[i] = ended or not more
         tokens = torch.full((n, max(budget, default=0)), tokenizer.pad_token_id, dtype=torch.long)
         lengths = torch.zeros(n, dtype=torch.long)
         for i in range(n):
-            ids = new[i] + (
-                [tokenizer.eos_token_id] if stopped[i] and len(new[i]) < budget[i] else []
-            )  # the guide chose to stop
-            tokens[i, : len(ids)], lengths[i] = torch.tensor(ids, dtype=torch.long), len(ids)
+            eos = [tokenizer.eos_token_id] if stopped[i] and len(new[i]) < budget[i] else []  # the guide chose to stop
+            tokens[i, : len(new[i]) + len(eos)], lengths[i] = (
+                torch.tensor(new[i] + eos, dtype=torch.long),
+                len(new[i]) + len(eos),
+            )
             joint = tokenizer(tokenizer.decode(kept[i]) + text[i], add_special_tokens=False).input_ids
             seam["states"] += 1
             seam["retokenized"] += joint[: len(kept[i]) + len(new[i])] != kept[i] + new[i]
+            whole = tokenizer.decode(
+                context[i] + continuation_ids(tokenizer, context[i], text[i]), skip_special_tokens=True
+            )
+            seam["text_changed"] += whole != states[i] + text[i]
         return tokens.to(query.device), lengths.to(query.device)
 
     continue_prefixes.seam = seam
     return continue_prefixes
+
+
+def continuation_ids(tokenizer, context, text):
+    """The policy tokenizer's ids of `text` that, after the ids `context` (prompt + kept prefix), decode to exactly
+    that text. Tokenized alone, a SentencePiece tokenizer (T5, Llama) marks text's first word as a word start ("ely"
+    becomes "\u2581ely", so "absolut" + "ely" would read "absolut ely"); tokenized after a newline, whose ids are then
+    dropped, it does not. When neither reproduces the text: the plain tokenization (seam_stats counts it)."""
+    plain = tokenizer(text, add_special_tokens=False).input_ids
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    after = tokenizer("\n" + text, add_special_tokens=False).input_ids
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    for ids in (plain, after[len(newline) :] if after[: len(newline)] == newline else None):
+        if ids is not None and tokenizer.decode(context + ids, skip_special_tokens=True) == before + text:
+            return ids
+    return plain
 
 
 def local_completer(model, guide_tokenizer, top_k, top_p):
@@ -121,50 +140,58 @@ def openai_completer(
         api_base,
         f"--guide-name openai:{model} needs --guide-api-base, the URL of the server (e.g. http://127.0.0.1:8000/v1)",
     )
+    url = urllib.parse.urlparse(api_base)
+    check(url.scheme in ("http", "https") and url.hostname, f"{where} {api_base}: not an http(s) URL of a server")
     client = openai.OpenAI(
         base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY", "none"), timeout=timeout, max_retries=retries
     )
+    refused = f"{where} {api_base}: the {role}'s server"
 
     def one(text, max_tokens, seed):
-        if chat:
-            choice = client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": text}],
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-            ).choices[0]
-            return choice.message.content or "", choice.finish_reason == "stop"
-        choice = client.completions.create(
-            model=model, prompt=text, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
-        ).choices[0]
-        return choice.text, choice.finish_reason == "stop"
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        try:
+            if chat:
+                messages = [{"role": "user", "content": text}]
+                choice = client.chat.completions.create(model=model, messages=messages, **sampling).choices[0]
+                answer = choice.message.content if choice.message.content is not None else ""
+            else:
+                choice = client.completions.create(model=model, prompt=text, **sampling).choices[0]
+                answer = choice.text
+        except (openai.APIConnectionError, openai.APIStatusError):
+            raise
+        except (openai.OpenAIError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+            raise UserError(f"{refused} gave no completion one can read ({type(e).__name__}: {e})") from None
+        check(isinstance(answer, str), f"{refused} answered a completion without text ({answer!r})")
+        return answer, choice.finish_reason == "stop"  # an empty text is an answer: the model chose to stop
 
-    def complete(texts, max_tokens):
-        seeds = torch.randint(2**31 - 1, (len(texts),)).tolist()
+    def ask(texts, max_tokens, seeds):
         try:
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 return list(pool.map(one, texts, max_tokens, seeds))
         except openai.APIConnectionError as e:
-            raise UserError(
-                f"{where} {api_base}: cannot reach the {role}'s server ({e.__class__.__name__}: {e})"
-            ) from None
+            raise UserError(f"{refused} cannot be reached ({e.__class__.__name__}: {e})") from None
         except openai.APIStatusError as e:
-            raise UserError(
-                f"{where} {api_base}: the server refused the request (HTTP {e.status_code}: {e.message})"
-            ) from None
+            raise UserError(f"{refused} refused the request (HTTP {e.status_code}: {e.message})") from None
 
+    def complete(texts, max_tokens):
+        return ask(texts, max_tokens, torch.randint(2**31 - 1, (len(texts),)).tolist())
+
+    complete.probe = lambda: ask(["The"], [1], [0])  # one request, before the run starts: the server answers
     return complete
 
 
 def seam_stats(guide):
-    """{rlgf/guide_seam_retokenized: the share of restart states, since the last call and over all processes, whose
-    kept prefix + the guide's re-tokenized continuation differ from the tokens of the two as one text} for a guide
-    that continues text (guides.py); {} for one that continues token ids."""
+    """For a guide that continues text: {rlgf/guide_seam_retokenized: the share of restart states, since the last call
+    and over all processes, whose kept prefix + the guide's continuation differ from the tokens of the two as one
+    text (the tokenization changes, the text does not); rlgf/guide_seam_text_changed: the share whose text no
+    tokenization could keep}. {} for a guide that continues token ids."""
     seam = getattr(guide, "seam", None)
     if seam is None:
         return {}
-    counts = total(torch.tensor([seam["states"], seam["retokenized"]], device=device_of("auto")))
-    seam.update(states=0, retokenized=0)
-    return {"rlgf/guide_seam_retokenized": (counts[1] / counts[0].clamp(min=1)).item()}
+    counts = total(torch.tensor([seam["states"], seam["retokenized"], seam["text_changed"]], device=device_of("auto")))
+    seam.update(states=0, retokenized=0, text_changed=0)
+    states = counts[0].clamp(min=1)
+    return {
+        "rlgf/guide_seam_retokenized": (counts[1] / states).item(),
+        "rlgf/guide_seam_text_changed": (counts[2] / states).item(),
+    }

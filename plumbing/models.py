@@ -110,14 +110,40 @@ def _peft():
 
 def lora(model, args):
     """LoRA adapters (peft) on every linear layer of the blocks (not the output layer): only they train, in fp32; the
-    base weights stay frozen, in the dtype they were loaded in."""
+    base weights stay frozen, in the dtype they were loaded in. --critic separate adds a second adapter, "critic",
+    on the same base weights: the critic's own trunk."""
     config = _peft().LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear"
     )
     model = _peft().get_peft_model(model, config)
+    if getattr(args, "critic", "shared") == "separate":
+        model.add_adapter("critic", config)
+        for name, p in model.named_parameters():  # peft trains the active adapter only: both are trained here
+            p.requires_grad_("lora_" in name)
     for name, module in model.named_modules():  # eval mode everywhere, but for LoRA's own dropout when asked for
         module.train(args.lora_dropout > 0 and "lora_dropout" in name)
     return model
+
+
+class CriticTrunk:
+    """The separate critic's trunk (--critic separate): the policy's transformer, without its LM head, run with the
+    "critic" adapter instead of the policy's: the last hidden states [B, T, H]. Only the critic adapter is in its
+    graph, so the critic's losses never reach the policy's weights."""
+
+    def __init__(self, model, dtype):
+        self.model, self.config, self.dtype = model, model.config, dtype
+        self.transformer = model.get_base_model().base_model  # GPT2Model, LlamaModel, ...
+
+    def __call__(self, **inputs):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.set_adapter("critic")
+        try:
+            with torch.autocast(self.model.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                return self.transformer(**inputs).last_hidden_state
+        finally:
+            self.model.set_adapter("default")
+            for p in trainable:  # set_adapter leaves only the active adapter trainable: both stay trained
+                p.requires_grad_(True)
 
 
 class AdaptersOff:
@@ -125,10 +151,14 @@ class AdaptersOff:
     the policy, the KL reference and a guide or eval LM of the same checkpoint."""
 
     def __init__(self, model):
-        self.model, self.config = model, model.config
+        self.model, self.peft_model, self.config = model, model, model.config
+
+    def adapters_off(self):
+        """The context in which the model runs as pi_0 (decoding.sample_static keeps it for a whole decoding loop)."""
+        return self.model.disable_adapter()
 
     def _off(self, fn, *args, **kwargs):
-        with torch.no_grad(), self.model.disable_adapter():
+        with torch.no_grad(), self.adapters_off():
             return fn(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -155,9 +185,15 @@ def load_reference_and_policy(args, device, dtype=torch.float32):
     both from --model-name. Under LoRA (--lora-r > 0) pi_theta is the base with adapters and pi_0 the same base with
     them off: no copy. With --resume the policy's weights come from the run's checkpoint while pi_0 stays the
     starting model."""
+    separate = getattr(args, "critic", "shared") == "separate"
+    if separate:
+        check(args.lora_r > 0, "--critic separate needs --lora-r > 0: the critic is a second LoRA adapter on the base")
     if args.lora_r:
         policy = lora(load_lm(args.model_name, device, dtype), args)
         reference = AdaptersOff(policy)
+        if separate:
+            check(not policy.config.is_encoder_decoder, "--critic separate: causal LMs only")
+            policy.critic_trunk = CriticTrunk(policy, dtype)
     else:
         reference = frozen(load_lm(args.model_name, device))
         policy = copy.deepcopy(reference)
@@ -168,9 +204,13 @@ def load_reference_and_policy(args, device, dtype=torch.float32):
     if args.resume:
         try:
             if args.lora_r:
+                checkpoint = os.path.join(args.resume, "checkpoint")
                 _peft().set_peft_model_state_dict(
-                    policy, load_file(os.path.join(args.resume, "checkpoint", "adapter_model.safetensors"))
+                    policy, load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
                 )
+                if separate:  # peft writes a second adapter under its name
+                    critic = load_file(os.path.join(checkpoint, "critic", "adapter_model.safetensors"))
+                    _peft().set_peft_model_state_dict(policy, critic, adapter_name="critic")
             else:
                 load_model(policy, os.path.join(args.resume, "checkpoint", "model.safetensors"))
         except (RuntimeError, OSError) as e:
@@ -189,9 +229,10 @@ def load_guide(args, tokenizer, shared, device, dtype):
     tokenizer is not the policy's, continues the restart state as text (guides.py) and comes with no model."""
     name, top_k, top_p = args.guide_name, args.top_k, args.guide_top_p
     if name.startswith("openai:"):
-        return guides.text_guide(
-            guides.openai_completer(name[len("openai:") :], args.guide_api_base, top_p), tokenizer
-        ), None
+        check(name[len("openai:") :], "--guide-name openai:MODEL needs the served model's name after openai:")
+        complete = guides.openai_completer(name[len("openai:") :], args.guide_api_base, top_p)
+        complete.probe()  # a wrong URL, a server down or one that answers malformed stops here, before any training
+        return guides.text_guide(complete, tokenizer), None
     if re.fullmatch(r"[\w.]+:\w+", name) and not os.path.exists(name):
         module, function = name.split(":")
         try:
@@ -245,7 +286,10 @@ def _in_hub_cache(name, repo_type):
     from huggingface_hub import try_to_load_from_cache
 
     filename = "README.md" if repo_type == "dataset" else "config.json"
-    return isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str)
+    try:
+        return isinstance(try_to_load_from_cache(name, filename, repo_type=repo_type), str)
+    except ValueError:  # huggingface_hub's HFValidationError: not a hub name at all
+        return False
 
 
 def require_assets(args, flags):
@@ -253,6 +297,9 @@ def require_assets(args, flags):
     missing = []
     for flag in flags:
         name = getattr(args, flag)
+        check(name != "openai:", f"--{flag.replace('_', '-')} openai:MODEL needs the served model's name after openai:")
+        looks_local = name and (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1)
+        check(not looks_local or os.path.exists(name), f"--{flag.replace('_', '-')} {name}: no such file or directory")
         if name and flag != "dataset_name" and os.path.isdir(name):
             try:
                 transformers.AutoConfig.from_pretrained(name)

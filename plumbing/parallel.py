@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from plumbing import check
+from plumbing import UserError, check
 
 
 def _state():
@@ -93,4 +93,11 @@ def device_of(name):
             "leave --device at auto",
         )
         return device
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        check(torch.cuda.is_available(), f"--device {name}: this machine has no CUDA GPU (use --device cpu or auto)")
+        check((device.index or 0) < torch.cuda.device_count(), f"--device {name}: no such GPU here")
+    return device

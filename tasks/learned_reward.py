@@ -6,11 +6,12 @@ import json
 import math
 import os
 
+import safetensors
 import torch
 import transformers
 from safetensors.torch import load_file, save_file, save_model
 
-from plumbing import models
+from plumbing import UserError, check, models
 
 
 class RewardModel(torch.nn.Module):
@@ -74,14 +75,24 @@ def save(model, tokenizer, path, info):
 
 def load(path, device, dtype=torch.float32):
     """(frozen RewardModel, tokenizer, info) from a directory `save` wrote."""
-    with open(os.path.join(path, "reward_model.json")) as f:
-        info = json.load(f)
+    try:
+        with open(os.path.join(path, "reward_model.json")) as f:
+            info = json.load(f)
+        check(
+            isinstance(info, dict) and isinstance(info.get("max_length"), int), "its fields are not reward_model.py's"
+        )
+        head = load_file(os.path.join(path, "reward_head.safetensors"))
+    except (OSError, ValueError, safetensors.SafetensorError, UserError) as e:
+        raise UserError(f"--reward-model-name {path}: a damaged reward_model.py checkpoint ({e})") from None
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         trunk = models._peft().PeftModel.from_pretrained(load_trunk(info["base"], dtype), path).merge_and_unload()
     else:  # the trunk as `save` wrote it
         trunk = models._loaded(lambda p: transformers.AutoModel.from_pretrained(p, dtype=dtype), path)
     model = RewardModel(trunk)
-    model.head.load_state_dict(load_file(os.path.join(path, "reward_head.safetensors")))
+    try:
+        model.head.load_state_dict(head)
+    except RuntimeError as e:
+        raise UserError(f"--reward-model-name {path}: reward_head.safetensors does not fit its trunk ({e})") from None
     return models.frozen(model.to(device)), models.load_tokenizer(path), info
 
 

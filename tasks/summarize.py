@@ -17,95 +17,107 @@ from plumbing import UserError, check, guides, models
 
 # What this task changes of the scripts' defaults (tasks/__init__.py). Table 6: 70,400 steps (tokens) per update are
 # 1408 episodes of 50 tokens, in minibatches of 128, 4 epochs; 100 iterations make its 7,040,000.
+# The paper's win-rate prompt (App. C.2, written for Llama2-13B-chat; its typos "<<\\SYS>>" and "hte" kept), with its
+# [context], [summary 1], [summary 2] as {post}, {summary_a}, {summary_b}: the tldr preset's --eval-judge-prompt.
+PAPER_JUDGE_PROMPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tldr_judge_prompt.txt")
+
+# fmt: off
 PRESETS = {
     "tldr": dict(
         dataset_name="CarperAI/openai_summarize_tldr",
         model_name="CarperAI/openai_summarize_tldr_sft",  # GPT-J 6B after SFT: policy, guide and KL reference
         reward_model_name=None,  # no hub checkpoint in our format: train one with reward_model.py --task tldr
         eval_lm_name="CarperAI/openai_summarize_tldr_sft",  # the same frozen copy measures output perplexity
-        prompt_len=500,
-        truncation_side="right",
-        max_new_tokens=50,
-        min_new_tokens=0,
-        top_k=0,
-        num_iterations=100,
-        rollouts_per_iteration=1408,
-        minibatch_size=128,
-        ppo_epochs=4,
-        learning_rate=1e-5,
-        gamma=1.0,
-        vf_coef=0.2,
-        kl_coef=0.002,
-        lora_r=8,
-        lora_alpha=64.0,  # Table 6 has dropout 0.1: here 0, so old and new log-probs agree
-        eval_every=10,
-        eval_size=500,
-        save_every=10,
+        prompt_len=500, truncation_side="right", max_new_tokens=50, min_new_tokens=0, top_k=0,
+        num_iterations=100, rollouts_per_iteration=1408, minibatch_size=128, ppo_epochs=4, learning_rate=1e-5,
+        gamma=1.0, vf_coef=0.2, kl_coef=0.002,
+        lora_r=8, lora_alpha=64.0,  # Table 6 has dropout 0.1: here 0, so old and new log-probs agree
+        critic="separate",  # Table 6: the critic is a LoRA adapter of its own (r 8, alpha 64), as the policy is
+        eval_every=10, eval_size=500, save_every=10, eval_judge_prompt=PAPER_JUDGE_PROMPT,
         # The guide's share of rollins: PPO++ 0.6; AggreVaTeD 0.0 (Table 6 prints 1.0: all pi_theta rollins).
-        beta=0.6,
-        beta_ppo_pp=0.6,
-        beta_aggrevated=0.0,
-        aggrevated=dict(beta=0.0),
-        d2lols=dict(
-            alpha=10
-        ),  # LOLS and D2LOLS were not run on TL;DR in the paper: 10% of the run, as IMDB's 20 of 100
-        # reward_model.py (App. C.2, Table 6): the SFT model's trunk with LoRA r 32, alpha 32, one epoch on the
-        # comparisons
-        reward_model=dict(
-            dataset_name="CarperAI/openai_summarize_comparisons",
-            lora_r=32,
-            lora_alpha=32.0,
-            learning_rate=1e-5,
-            batch_size=8,
-            max_length=560,
-            eval_size=2000,
-        ),
+        ppo_pp=dict(beta=0.6), grpo_pp=dict(beta=0.6), aggrevated=dict(beta=0.0), beta_ppo_pp=0.6, beta_aggrevated=0.0,
+        d2lols=dict(alpha=10),  # LOLS and D2LOLS were not run on TL;DR in the paper: 10% of the run, as IMDB's 20/100
+        # reward_model.py (App. C.2, Table 6): the SFT model's trunk with LoRA r 32, alpha 32, one epoch
+        reward_model=dict(dataset_name="CarperAI/openai_summarize_comparisons", lora_r=32, lora_alpha=32.0,
+                          learning_rate=1e-5, batch_size=8, max_length=560, eval_size=2000),
     ),
 }
+# fmt: on
 
 
-def load_tldr(dataset_name, tokenizer):
+TLDR = "\nTL;DR:"  # how every prompt of the dataset ends: the summary follows
+
+
+def fit_prompt(prompt, tokenizer, prompt_len):
+    """A TL;DR prompt cut to prompt_len tokens as the authors cut it: the post loses its end and "\nTL;DR:" is put back,
+    so the policy is always asked for the summary (cutting the whole prompt on the right would drop "TL;DR:")."""
+    if len(tokenizer(prompt, add_special_tokens=False).input_ids) <= prompt_len:
+        return prompt
+    post = prompt[: -len(TLDR)] if prompt.endswith(TLDR) else prompt.rstrip().removesuffix("TL;DR:").rstrip()
+    ids = tokenizer(post, add_special_tokens=False).input_ids
+    keep = prompt_len - len(tokenizer(TLDR, add_special_tokens=False).input_ids)
+    while keep > 0:  # the seam may tokenize differently: shorten until the whole fits
+        fitted = tokenizer.decode(ids[:keep]) + TLDR
+        if len(tokenizer(fitted, add_special_tokens=False).input_ids) <= prompt_len:
+            return fitted
+        keep -= 1
+    check(False, f"--prompt-len {prompt_len} cannot hold the {TLDR.strip()!r} that ends a TL;DR prompt")
+
+
+def load_tldr(dataset_name, tokenizer, prompt_len):
     """CarperAI/openai_summarize_tldr (train / valid / test of prompt, label) or a local directory in its format.
-    Reference = " " + the label + EOS (the prompt ends with "TL;DR:"). Returns (pairs by split, references by
+    Prompt = the post cut to --prompt-len tokens, ending in "\nTL;DR:" (fit_prompt): the policy, the reward model, the
+    judge and ROUGE all see that text. Reference = " " + the label + EOS. Returns (pairs by split, references by
     prompt)."""
-    import datasets
-
-    ds = datasets.load_dataset(dataset_name)
+    ds = datasets_of(dataset_name, ("prompt", "label"), needed=("train", ("validation", "valid")))
     validation = "validation" if "validation" in ds else "valid"
-    check(
-        "train" in ds and validation in ds, f"dataset {dataset_name} needs 'train' and 'valid' splits (prompt, label)"
-    )
     data, references = {}, {}
     for split, name in (("train", "train"), ("validation", validation), ("test", "test")):
-        rows = (
-            [(prompt, label.strip()) for prompt, label in zip(ds[name]["prompt"], ds[name]["label"]) if label.strip()]
-            if name in ds
-            else []
-        )
+        rows = []
+        for prompt, label in zip(ds[name]["prompt"], ds[name]["label"]) if name in ds else []:
+            check(
+                isinstance(prompt, str) and isinstance(label, str),
+                f"{dataset_name}: a {name} row has no prompt or label",
+            )
+            if label.strip():
+                rows.append((fit_prompt(prompt, tokenizer, prompt_len), label.strip()))
         data[split] = [(prompt, " " + label + tokenizer.eos_token) for prompt, label in rows]
         references.update(rows)
+    check(data["train"] and data["validation"], f"{dataset_name}: no train or validation row with a summary (label)")
     return data, {"references": references}
+
+
+def datasets_of(name, columns, needed):
+    """datasets.load_dataset(name), its problems in one line: a split or column missing, a file that is not text."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # noqa: BLE001 (a damaged file surfaces as many types: JSON, UTF-8, Arrow, an empty file)
+        raise UserError(
+            f"dataset {name}: cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
+        ) from None
+    for split in needed:
+        options = split if isinstance(split, tuple) else (split,)
+        check(any(s in ds for s in options), f"dataset {name} needs a '{options[-1]}' split ({', '.join(columns)})")
+    for split in ds:
+        missing = [c for c in columns if c not in ds[split].column_names]
+        check(not missing, f"dataset {name}: its {split} split has no {', '.join(missing)} column")
+    return ds
 
 
 def load_comparisons(dataset_name):
     """CarperAI/openai_summarize_comparisons (prompt, chosen, rejected; chosen and rejected start with "TL;DR:") as
-    {train, test: [(prompt + "\\n" + chosen, prompt + "\\n" + rejected)]}: the texts the reward model reads, in the
-    same shape as the RL prompt + generation (the prompt there ends with "TL;DR:"). Identical pairs are dropped."""
-    import datasets
-
-    ds = datasets.load_dataset(dataset_name)
-    check(
-        "train" in ds and "test" in ds,
-        f"dataset {dataset_name} needs 'train' and 'test' splits (prompt, chosen, rejected)",
-    )
-    return {
-        split: [
-            (p + "\n" + c, p + "\n" + r)
-            for p, c, r in zip(ds[split]["prompt"], ds[split]["chosen"], ds[split]["rejected"])
-            if c != r
-        ]
-        for split in ("train", "test")
-    }
+    {train, test: [(prompt + "\n" + chosen, prompt + "\n" + rejected)]}: the texts the reward model reads, in the
+    same shape as the RL prompt + generation (the prompt there ends with "\nTL;DR:"). Identical pairs are dropped."""
+    ds = datasets_of(dataset_name, ("prompt", "chosen", "rejected"), needed=("train", "test"))
+    pairs = {}
+    for split in ("train", "test"):
+        rows = list(zip(ds[split]["prompt"], ds[split]["chosen"], ds[split]["rejected"]))
+        check(all(isinstance(x, str) for row in rows for x in row), f"{dataset_name}: a {split} pair has a null value")
+        pairs[split] = [(p + "\n" + c, p + "\n" + r) for p, c, r in rows if c != r]
+        check(pairs[split], f"{dataset_name}: its {split} split has no pair (chosen differing from rejected)")
+    return pairs
 
 
 def rouge(generations, references):
@@ -191,9 +203,11 @@ def load_judge(name, template_path, device, dtype, seed):
         check(
             base, f"--eval-judge {name} needs $OPENAI_BASE_URL, the URL of the server (e.g. http://127.0.0.1:8000/v1)"
         )
+        check(name[len("openai:") :], "--eval-judge openai:MODEL needs the served model's name after openai:")
         chat = guides.openai_completer(
             name[len("openai:") :], base, 1.0, temperature=0.0, chat=True, where="$OPENAI_BASE_URL", role="judge"
         )
+        chat.probe()
         return Judge(
             lambda prompts: [text for text, _ in chat(prompts, [JUDGE_MAX_TOKENS] * len(prompts))], template, seed
         )

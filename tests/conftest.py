@@ -137,14 +137,14 @@ def tiny(tmp_path_factory):
                         + "\n"
                     )
     paths["common_gen"] = str(root / "common_gen")
-    (root / "tldr").mkdir()  # CarperAI/openai_summarize_tldr's format: a post ending in "TL;DR:", its summary
+    (root / "tldr").mkdir()  # CarperAI/openai_summarize_tldr's format: a post, a line "TL;DR:", the summary
     for split, n in (("train", 32), ("valid", 16), ("test", 8)):
         with open(root / "tldr" / f"{split}.jsonl", "w") as f:
             for i in range(n):
                 f.write(
                     json.dumps(
                         {
-                            "prompt": f"POST: {_review(rng, i % 2 == 0)} TL;DR:",
+                            "prompt": f"POST: {_review(rng, i % 2 == 0)}\nTL;DR:",
                             "label": " ".join(_review(rng, i % 2 == 0).split()[:5]),
                         }
                     )

@@ -64,10 +64,16 @@ def cli(*argv, env=None, timeout=300):
             ["grpo_pp.py", "--beta-schedule", "cosine"],
             "unknown beta schedule 'cosine'; choose one of: constant, linear",
         ),
-        (
-            ["d2lols.py", "--alpha", "13"],
-            "--alpha (iterations of AggreVaTeD) must be in [0, --num-iterations = 12] (beyond it D2LOLS never switches",
-        ),
+        (["d2lols.py", "--alpha", "13"], "--alpha must be in [0, --num-iterations], got 13"),
+        (["ppo.py", "--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+        (["ppo_pp.py", "--beta", "nan"], "--beta must be a finite number, got nan"),
+        (["ppo.py", "--exp-name", "x/../../escaped"], "--exp-name must be a plain name (no /)"),
+        (["ppo.py", "--learning-rat", "1e-3"], "unknown flag --learning-rat; did you mean --learning-rate"),
+        (["ppo.py", "--no-such-flag"], "unknown flag --no-such-flag; see --help"),
+        (["ppo.py", "--device", "nonsense"], "--device nonsense: not a torch device"),
+        (["ppo.py", "--device", "cuda:7"], "--device cuda:7: this machine has no CUDA GPU"),
+        (["ppo.py", "--model-name", "./mine"], "--model-name ./mine: no such file or directory"),
+        (["ppo_pp.py", "--guide-name", "openai:"], "--guide-name openai:MODEL needs the served model's name"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, tmp_path):
@@ -106,14 +112,13 @@ def test_bad_paths_are_one_line_and_leave_no_run_directory(tmp_path, flag, conte
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
-def help_defaults(name, argv, monkeypatch, capsys):
-    """{flag: the default --help shows} of `python NAME.py *argv --help` (run in this process: tyro prints and
-    exits)."""
+def help_entries(name, argv, monkeypatch, capsys):
+    """{flag: its whole help entry} of `python NAME.py *argv --help` (run in this process: tyro prints and exits)."""
     import tasks
     from conftest import script
     from plumbing import runs
 
-    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag, or two when the flag is long
     with pytest.raises(SystemExit):
         runs.parse(script(name).Args, [*argv, "--help"], tasks.defaults)
     entries = []  # one per flag: its first line starts with the flag, the next ones continue its help
@@ -123,7 +128,13 @@ def help_defaults(name, argv, monkeypatch, capsys):
             entries.append(line)
         elif entries and re.match(r"\w", line):  # not the box's edges
             entries[-1] += " " + line
-    return {re.match(r"--([a-z0-9-]+)", e).group(1): re.findall(r"\(default: ([^)]*)\)", e)[-1] for e in entries}
+    return {re.match(r"--([a-z0-9-]+)", e).group(1): e for e in entries}
+
+
+def help_defaults(name, argv, monkeypatch, capsys):
+    """{flag: the default --help shows} of `python NAME.py *argv --help`."""
+    entries = help_entries(name, argv, monkeypatch, capsys)
+    return {flag: re.findall(r"\(default: ([^)]*)\)", e)[-1] for flag, e in entries.items()}
 
 
 @pytest.mark.parametrize(
@@ -204,3 +215,33 @@ def test_offline_default_end_to_end(tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1]
     assert 0 < rows[0]["eval/reward"] < 1 and rows[0]["eval/perplexity"] > 1
     assert os.path.isfile(tmp_path / run_dir / "checkpoint" / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("lols", {"beta-ppo-pp": "Alg. 4's beta1", "beta-aggrevated": "1 - Alg. 4's beta2"}),
+        ("d2lols", {"beta-ppo-pp": "Alg. 3's beta2", "beta-aggrevated": "Alg. 3's beta1"}),
+    ],
+)
+def test_lols_and_d2lols_name_their_betas_by_the_kind_of_sample(name, expected, monkeypatch, capsys):
+    """Each beta flag says which kind of sample it sets and which symbol of its algorithm box it is (Alg. 4, LOLS: beta1
+    is the PPO++ samples' guide share, beta2 pi_theta's share of the AggreVaTeD samples' rollins; Alg. 3, D2LOLS: beta1
+    the AggreVaTeD phase's, beta2 the PPO++ phase's); --beta sets both."""
+    import tasks
+    from conftest import script
+    from plumbing import runs
+
+    entries = help_entries(name, [], monkeypatch, capsys)
+    for flag, symbol in expected.items():
+        assert symbol in entries[flag] and ("PPO++" in entries[flag]) == (flag == "beta-ppo-pp"), entries[flag]
+    args = runs.parse(script(name).Args, ["--beta", "0.7"], tasks.defaults)
+    assert (args.beta_ppo_pp, args.beta_aggrevated) == (0.2, 0.2)  # main() applies --beta: see below
+    module = script(name)
+    seen = {}
+    monkeypatch.setattr(
+        module.models, "require_assets", lambda a, flags: seen.update(vars(a)) or exec("raise KeyboardInterrupt")
+    )
+    with pytest.raises(KeyboardInterrupt):
+        module.main(args)
+    assert (seen["beta_ppo_pp"], seen["beta_aggrevated"]) == (0.7, 0.7)

@@ -443,6 +443,55 @@ def test_compiled_static_decoding_traces_once_per_shape(lm, arch, monkeypatch):
     )  # at most a static, then a dynamic graph (batch, then length); seen shapes reuse them
 
 
+def test_compiled_static_decoding_traces_under_lora_and_keeps_few_caches(monkeypatch):
+    """Under LoRA the KL reference and default guide are the policy's base with its adapters off (AdaptersOff): its
+    compiled step traces as ONE graph too (the adapters are switched off around the whole loop, not inside the step),
+    the policy (adapters on) and its reference draw exactly `sample`'s tokens, and the model keeps at most
+    MAX_STATIC_CACHES caches (the least recently used shape's goes)."""
+    import types
+
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: compile_(fn, backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    args = types.SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
+    policy = models.lora(_tiny_llama(), args)
+    for name, p in policy.named_parameters():  # adapters away from zero: on and off differ
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    reference = models.AdaptersOff(policy)
+    vocab, g = policy.config.vocab_size, torch.Generator().manual_seed(1)
+    differ = 0
+    for batch, budget in ((3, 9), (5, 9), (9, 9), (6, 70), (17, 9), (40, 9)):
+        rows = [
+            torch.randint(2, vocab, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (batch,), generator=g)
+        ]
+        query, query_mask, prefix, prefix_mask = _ids(rows)
+        max_new, min_new = torch.full((batch,), budget), torch.zeros(batch, dtype=torch.long)
+        out = {}
+        for name, model in (("policy", policy), ("reference", reference)):
+            torch.manual_seed(batch)
+            plain = decoding.sample(
+                model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS
+            )
+            torch.manual_seed(batch)
+            fast = decoding.sample_static(
+                model, query, query_mask, prefix, prefix_mask, max_new, min_new, top_k=5, eos_id=EOS, compiled=True
+            )
+            assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1]), (name, batch)
+            out[name] = plain[0]
+        differ += not torch.equal(out["policy"], out["reference"])
+    assert differ >= 4  # the adapters change what is drawn: both paths were exercised
+    assert len(graphs) <= 6  # adapters on and off, static then dynamic shapes: no graph per call
+    assert len(policy._static_caches) == decoding.MAX_STATIC_CACHES  # six shapes seen, four kept
+    assert list(policy._static_caches)[-1] == (64, 64)  # the most recent shape stays
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate_with_restarts, with deterministic fake samplers
 # ---------------------------------------------------------------------------------------------------------------
@@ -958,3 +1007,37 @@ def test_training_state_loads_without_unpickling_code(lm, tiny, tmp_path):
 def _guide_args(name):
     """The flags models.load_guide reads."""
     return types.SimpleNamespace(guide_name=name, top_k=0, guide_top_p=1.0, guide_api_base=None, fast_decoding=False)
+
+
+def test_a_guide_that_stops_early_never_puts_eos_or_padding_in_the_restart_prefix():
+    """Fixed length (min = max = 8): h is drawn before the rollin. A black-box guide that returns fewer tokens (here its
+    token then its EOS, whatever the minimum) restarts where its own tokens end: the prefix holds its one real token,
+    never the EOS nor padding; pi_theta writes the other 7; short_rollin marks the samples whose drawn h was beyond
+    the guide's end, and restart_stats logs their share."""
+    eos = 7
+
+    def stopping_guide(query, query_mask, prefix, prefix_mask, max_new, min_new):
+        tokens = torch.full((len(query), int(max_new.max())), PAD, dtype=torch.long)
+        tokens[:, 0] = BASE[GUIDE]
+        tokens[:, 1:2] = eos
+        return tokens, max_new.clamp(max=2)
+
+    n, batch = 8, 16
+    samplers = {POLICY: FakeSampler(POLICY), GUIDE: stopping_guide}
+    query, query_mask, _ = _queries(batch)
+    rollin_by = torch.full((batch,), GUIDE)
+    out = common.generate_with_restarts(
+        samplers, query, query_mask, rollin_by, torch.full((batch,), POLICY), n, n, torch.Generator().manual_seed(3),
+        _tokens(PAD, eos),
+    )  # fmt: skip
+    drawn = 1 + (torch.rand(batch, generator=torch.Generator().manual_seed(3)) * (n - 1)).long()
+    assert (drawn >= 2).sum() >= 10  # most draws lie beyond the guide's one real token
+    assert out["restart_at"].tolist() == [1] * batch and out["short_rollin"].tolist() == (drawn >= 2).tolist()
+    assert (out["response"][:, 0] == BASE[GUIDE]).all() and (
+        out["response"][:, 1:] == BASE[POLICY] + torch.arange(7)
+    ).all()
+    assert out["by_guide"].tolist() == [[True] + [False] * 7] * batch and out["response_mask"].all()
+    assert common.restart_stats(out, rollin_by) == {
+        "rlgf/restart_mean": 1.0,
+        "rlgf/short_rollin_share": (drawn >= 2).float().mean().item(),
+    }

@@ -256,3 +256,22 @@ def test_reward_rises_on_a_tiny_task(tiny, tmp_path, monkeypatch, name):
     )
     rewards = [m["eval/reward"] for m in metrics if "eval/reward" in m]
     assert events and rewards[-1] > rewards[0] + 0.15, rewards
+
+
+def test_guide_when_all_fail_redraws_only_the_guided_members(tiny, tmp_path, monkeypatch):
+    """--guide-when-all-fail with beta 0 is GRPO to the last digit: no member is drawn again (here every group fails:
+    the reward is below 2). With beta 0.5 only the members whose coin says "guide" are sampled again, the others keep
+    their own sample and its gradient."""
+    flags = dict(num_iterations=2, rollouts_per_iteration=16, eval_every=0, eval_size=4)
+    _, grpo = run("grpo", tiny, tmp_path / "grpo", **flags)
+    _, other = run("grpo_pp", tiny, tmp_path / "grpo_pp", beta=0.0, guide_when_all_fail=2.0, **flags)
+    for a, b in zip(grpo, other):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
+            k: b[k] for k in a if not k.startswith("time/")
+        }
+    seen = record(monkeypatch)
+    _, metrics = run("grpo_pp", tiny, tmp_path / "half", beta=0.5, guide_when_all_fail=2.0, **flags)
+    firsts = [i for i, c in enumerate(seen["calls"]) if len(c["query"]) == 16 and (c["rollin_by"] == -1).all()]
+    for i, share in zip(firsts, [m["rlgf/guide_rollin_share"] for m in metrics[1:]]):
+        again = seen["calls"][i + 1]
+        assert 0 < len(again["query"]) == share * 16 < 16 and (again["rollin_by"] == 1).all()

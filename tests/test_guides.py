@@ -66,8 +66,44 @@ def test_seam_share_counts_the_states_that_re_tokenize_otherwise(tiny):
     query, query_mask, prefix, prefix_mask = states(tokenizer, ["the film", "a plot"], ["great", "great"])
     guide = guides.text_guide(Scripted(("fun and", False), (" fun and", False)), tokenizer)
     guide(query, query_mask, prefix, prefix_mask, torch.tensor([2, 2]), torch.tensor([2, 2]))
-    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.5}
-    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.0}
+    # a word-level vocabulary has no "greatfun": that text cannot be kept, and is counted as changed too
+    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.5, "rlgf/guide_seam_text_changed": 0.5}
+    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 0.0, "rlgf/guide_seam_text_changed": 0.0}
+
+
+def sentencepiece_tokenizer():
+    """A SentencePiece-style tokenizer (Unigram pieces, a word-start marker \u2581 put before every text, as T5's and
+    Llama's): "ely" alone becomes "\u2581ely", while "absolut" + "ely" is one word in the text."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "</s>", "\u2581", "\n", "\u2581the", "\u2581film", "\u2581was", "\u2581absolut", "ely",
+              "\u2581ely", "\u2581wonderful", "\u2581absolutely"]  # fmt: skip
+    scores = [
+        (p, 0.0 if i < 2 else -1.0 if p in ("\u2581ely", "\u2581absolutely") else -2.0) for i, p in enumerate(pieces)
+    ]
+    tok = Tokenizer(tokenizer_models.Unigram(scores, unk_id=0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def test_the_seam_keeps_the_text_with_a_sentencepiece_tokenizer():
+    """A prefix "absolut" continued by the guide's text "ely wonderful": tokenized alone it would gain a word-start
+    marker ("absolut ely wonderful"); the restart keeps the text, "the film was absolutely wonderful", with the kept
+    prefix's ids unchanged (only the tokenization differs from the whole text's: counted as retokenized, not as a text
+    change)."""
+    tokenizer = sentencepiece_tokenizer()
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    assert tokenizer.decode(ids("the film was absolut") + ids("ely wonderful")) == "the film was absolut ely wonderful"
+    query, query_mask = torch.tensor([ids("the film")]), torch.ones(1, 2, dtype=torch.bool)
+    prefix, prefix_mask = torch.tensor([ids("was absolut")]), torch.ones(1, 2, dtype=torch.bool)
+    guide = guides.text_guide(Scripted(("ely wonderful", False)), tokenizer)
+    tokens, lengths = guide(query, query_mask, prefix, prefix_mask, torch.tensor([2]), torch.tensor([2]))
+    whole = tokenizer.decode(query[0].tolist() + prefix[0].tolist() + tokens[0, : lengths[0]].tolist())
+    assert whole == "the film was absolutely wonderful"
+    assert guides.seam_stats(guide) == {"rlgf/guide_seam_retokenized": 1.0, "rlgf/guide_seam_text_changed": 0.0}
 
 
 def test_text_restart_through_generate_with_restarts_marks_the_guide_tokens(tiny):

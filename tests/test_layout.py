@@ -164,7 +164,6 @@ if __name__ == "__main__":
         by_module.setdefault(key.split(":")[0], []).append((key.split(":")[1], lines))
     print(f"ppo.py: {own} lines")
     for module, items in by_module.items():
-        print(
-            f"{PROJECT[module]}: {sum(n for _, n in items)} lines in {len(items)} definitions ({', '.join(n for n, _ in items)})"
-        )
+        names = ", ".join(n for n, _ in items)
+        print(f"{PROJECT[module]}: {sum(n for _, n in items)} lines in {len(items)} definitions ({names})")
     print(f"total: {own + sum(reached.values())} lines")

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import run
-from plumbing import models
+from plumbing import UserError, models
 
 
 @pytest.mark.parametrize("name", ["ppo_pp", "d2lols"])
@@ -133,15 +133,67 @@ def test_lora_trains_adapters_on_one_copy_of_the_base(tiny, tmp_path, monkeypatc
     assert metrics[-1]["train/kl"] != 0 and all(v == v for m in metrics for v in m.values() if isinstance(v, float))
 
 
-def test_lora_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_lora_resume_continues_exactly(tiny, tmp_path, monkeypatch, critic):
+    """Stopped after a checkpoint and resumed, a LoRA run gives the same rows and adapters as one run straight through
+    (the separate critic's adapter included)."""
     from conftest import stopped_then_resumed
 
-    flags = dict(num_iterations=3, lora_r=4, lora_alpha=8, save_every=1, lr_schedule="linear")
+    flags = dict(num_iterations=3, lora_r=4, lora_alpha=8, save_every=1, lr_schedule="linear", critic=critic)
     straight_dir, straight, run_dir, resumed = stopped_then_resumed("ppo", tiny, tmp_path, monkeypatch, **flags)
     drop = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
     assert [drop(r) for r in resumed] == [drop(r) for r in straight]
-    a, b = (load_file(os.path.join(d, "checkpoint", "adapter_model.safetensors")) for d in (straight_dir, run_dir))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for adapter in ["adapter_model.safetensors"] + (
+        ["critic/adapter_model.safetensors"] if critic == "separate" else []
+    ):
+        a, b = (load_file(os.path.join(d, "checkpoint", adapter)) for d in (straight_dir, run_dir))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_separate_critic_is_a_second_adapter_whose_gradients_never_reach_the_policy(tiny):
+    """--critic separate under LoRA: a second adapter ("critic") on the same base weights, no copy of the model. The
+    value loss's gradient reaches only the critic's adapter and head; the policy loss's only the policy's adapter;
+    both adapters stay trainable, and the KL reference (adapters off) is the base."""
+    import types
+
+    import common
+
+    args = types.SimpleNamespace(
+        model_name=tiny["lm"], lora_r=4, lora_alpha=8.0, lora_dropout=0.0, critic="separate", resume=None
+    )
+    reference, policy = models.load_reference_and_policy(args, torch.device("cpu"))
+    base = models.load_lm(tiny["lm"], "cpu")
+    assert sum(p.numel() for p in policy.parameters() if not p.requires_grad) == sum(
+        p.numel() for p in base.parameters()
+    )
+    value_head = common.value_head(policy, 1, torch.device("cpu"))
+    torch.nn.init.normal_(value_head.weight)  # zero-initialised heads pass no gradient to their trunk
+    for p in policy.parameters():  # adapters away from their zero start, so that each path has a gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    query, response = torch.randint(2, 20, (3, 5), generator=g), torch.randint(2, 20, (3, 4), generator=g)
+    ones = lambda x: torch.ones_like(x, dtype=torch.bool)  # noqa: E731
+    logprobs, values = common.forward(policy, value_head, query, ones(query), response, ones(response))
+    trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert any(".critic." in n for n in trained) and any(".default." in n for n in trained)
+    assert all(".critic." in n or ".default." in n for n in trained)
+
+    def grads(kind):
+        return [
+            p.grad.abs().sum().item() if p.grad is not None else 0.0 for n, p in trained.items() if f".{kind}." in n
+        ]
+
+    values.sum().backward(retain_graph=True)
+    assert sum(grads("default")) == 0 and sum(grads("critic")) > 0 and value_head.weight.grad.abs().sum() > 0
+    policy.zero_grad()
+    logprobs.sum().backward()
+    assert sum(grads("critic")) == 0 and sum(grads("default")) > 0
+    with torch.no_grad():
+        expected = base(input_ids=query).logits
+        assert torch.allclose(reference(input_ids=query).logits, expected, atol=1e-5)
+    with pytest.raises(UserError, match="--critic separate needs --lora-r > 0"):
+        models.load_reference_and_policy(types.SimpleNamespace(**{**vars(args), "lora_r": 0}), torch.device("cpu"))
 
 
 def test_sft_with_lora_feeds_an_rl_run_with_lora(tiny, tmp_path):

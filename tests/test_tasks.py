@@ -47,7 +47,9 @@ def test_task_names_are_the_presets():
         tasks.defaults(script(name).Args, "tldr") for name in ("ppo_pp", "aggrevated", "d2lols")
     )
     assert (ppo_pp.gamma, ppo_pp.beta, ppo_pp.lora_r, ppo_pp.lora_alpha, aggrevated.beta) == (1.0, 0.6, 8, 64.0, 0.0)
-    assert (d2lols.beta_ppo_pp, d2lols.beta_aggrevated, d2lols.alpha) == (0.6, 0.0, 10)
+    assert (d2lols.beta, d2lols.beta_ppo_pp, d2lols.beta_aggrevated, d2lols.alpha) == (None, 0.6, 0.0, 10)
+    assert tasks.defaults(script("lols").Args, "tldr").beta is None  # --beta would set both kinds' shares
+    assert tasks.defaults(script("grpo_pp").Args, "tldr").beta == 0.6
     assert (ppo_pp.prompt_len, ppo_pp.truncation_side, ppo_pp.max_new_tokens, ppo_pp.vf_coef, ppo_pp.kl_coef) == (
         500,
         "right",

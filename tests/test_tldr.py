@@ -213,7 +213,7 @@ def test_the_judges_answer_is_parsed(answer, choice):
 
 
 def test_the_judges_order_is_random_per_item_and_balanced():
-    from common import UserError
+    from plumbing import UserError
     from tasks import summarize
 
     template = "Post: {post}\nSummary A: {summary_a}\nSummary B: {summary_b}\nPreferred:"
@@ -378,3 +378,49 @@ def test_tldr_needs_a_reward_model_and_the_judge_needs_its_prompt(tiny, tmp_path
     assert done.returncode == 2 and "the judged win rate is a tldr metric" in done.stderr
     done, _ = cli("ppo.py", "--task", "concepts", "--eval-best-of", "4", "--eval-num-beams", "3")
     assert done.returncode == 2 and "--eval-best-of needs sampled evaluations" in done.stderr
+
+
+def test_a_long_post_keeps_tldr_and_every_scorer_sees_the_policys_prompt(tiny):
+    """A post longer than --prompt-len loses its end, not its "\\nTL;DR:": the prompt still ends with it and fits in
+    prompt_len tokens, so the policy's own tokenization cuts nothing (what the reward model, the judge and ROUGE are
+    given is the text the policy read). With SmolLM2's tokenizer, and on the tiny files end to end."""
+    from tasks import summarize
+
+    tokenizer = models.load_tokenizer("smollm2-135m")
+    post = "SUBREDDIT: r/advice\nTITLE: long\nPOST: " + " ".join(
+        f"I have thought about this for day {i}." for i in range(150)
+    )
+    fitted = summarize.fit_prompt(post + "\nTL;DR:", tokenizer, 64)
+    assert fitted.endswith("\nTL;DR:") and fitted.startswith("SUBREDDIT: r/advice\nTITLE: long\nPOST: I have thought")
+    assert 60 <= len(tokenizer(fitted, add_special_tokens=False).input_ids) <= 64
+    assert summarize.fit_prompt("POST: short\nTL;DR:", tokenizer, 64) == "POST: short\nTL;DR:"  # fits: untouched
+    tiny_tokenizer = models.load_tokenizer(tiny["lm"])
+    data, reward_data = summarize.load_tldr(tiny["tldr"], tiny_tokenizer, 8)
+    for prompt, _ in data["train"] + data["validation"]:
+        assert prompt.endswith("\nTL;DR:") and len(tiny_tokenizer(prompt, add_special_tokens=False).input_ids) <= 8
+        assert prompt in reward_data["references"]  # ROUGE and the judge look references up by the policy's prompt
+
+
+def test_the_papers_judge_prompt_is_the_tldr_default_and_its_answers_parse():
+    """App. C.2's prompt ships as the tldr preset's --eval-judge-prompt; rendered for a post and two summaries it holds
+    them, and an answer in the format it asks for ("Comparison: ...", then "Preferred: (A)") parses."""
+    import tasks
+    from conftest import script
+    from tasks import summarize
+
+    path = tasks.defaults(script("ppo").Args, "tldr").eval_judge_prompt
+    template = open(path).read()
+    assert path == summarize.PAPER_JUDGE_PROMPT and "You are an expert summary evaluator" in template
+    assert "Preferred: <(A) or (B)>" in template and all(p in template for p in summarize.PLACEHOLDERS)
+    seen = []
+    judge = summarize.Judge(
+        lambda prompts: seen.extend(prompts) or ["Comparison: (A) is shorter.\nPreferred: (A)"] * 2, template, 0
+    )
+    out = judge(["my post"] * 2, ["mine"] * 2, ["theirs"] * 2)
+    assert "context: my post\n" in seen[0] and {
+        "tldr (A): mine\ntldr (B): theirs",
+        "tldr (A): theirs\ntldr (B): mine",
+    } == {p[p.index("tldr (A)") : p.index("\nFIRST")] for p in seen}
+    assert out == {"win_rate": 0.5, "judge_unparsed": 0.0}
+    for answer, choice in (("Comparison: B is clearer.\nPreferred: (B)", "B"), ("Preferred: (A)", "A")):
+        assert summarize.parse_choice(answer) == choice
