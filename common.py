@@ -9,6 +9,7 @@ import random
 
 import torch
 
+from plumbing.decoding import keeps_logits
 from plumbing.parallel import gather_lists, processes, total
 
 # Who generates a token (generate_with_restarts): no rollin at all, the policy pi_theta, or the guide pi_g.
@@ -165,28 +166,27 @@ def _logits(model, query, query_mask, response, response_mask, hidden=False):
     """Next-token logits at every response position [B, N, V] (and the last hidden states there, when asked)."""
     config = model.module.config if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.config
     inputs, start = _inputs(config, query, query_mask, response, response_mask)
-    out = model(**inputs, output_hidden_states=hidden)
-    n = response.shape[1]
+    n, keep = response.shape[1], not config.is_encoder_decoder and keeps_logits(model)
+    out = model(
+        **inputs, output_hidden_states=hidden, **({"logits_to_keep": n + 1} if keep else {})
+    )  # not the prompt's
+    logits = out.logits[:, :n] if keep else out.logits[:, start : start + n]
     states = (out.decoder_hidden_states if config.is_encoder_decoder else out.hidden_states)[-1] if hidden else None
-    return out.logits[:, start : start + n].float(), states[:, start : start + n] if hidden else None
+    return logits.float(), states[:, start : start + n] if hidden else None
 
 
-def forward(model, value_head, query, query_mask, response, response_mask, entropy=False):
+def forward(model, value_head, query, query_mask, response, response_mask):
     """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
-    value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t). entropy=True adds the
-    entropy of pi(. | s_t) [B, N] as a third output."""
+    value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t)."""
     trunk = getattr(getattr(value_head, "module", value_head), "trunk", None)  # a separate critic's (DDP: .module)
     logits, states = _logits(
         model, query, query_mask, response, response_mask, hidden=value_head is not None and trunk is None
     )
-    logp = logits.log_softmax(-1)
-    logprobs = torch.gather(logp, 2, response[..., None]).squeeze(-1)
+    logprobs = logits.gather(2, response[..., None]).squeeze(-1) - logits.logsumexp(-1)  # log_softmax at a_t only
     if trunk is not None:  # the critic's own trunk reads the same tokens
         inputs, start = _inputs(trunk.config, query, query_mask, response, response_mask)
         states = trunk(**inputs)[:, start : start + response.shape[1]]
     values = value_head(states.float()) if value_head is not None else None
-    if entropy:
-        return logprobs, values, -(logp.exp() * logp).sum(-1)
     return logprobs, values
 
 

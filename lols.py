@@ -218,10 +218,10 @@ def main(args):
         scores = reward_fn(prompts, texts).to(device)
         runs.check_finite(iteration, task_reward=scores)
         with torch.no_grad():
-            old_logprobs, old_values, entropy = common.forward(
-                policy, value_head, query, query_mask, response, response_mask, entropy=True
-            )
-            ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
+            old_logprobs, old_values = common.forward(policy, value_head, query, query_mask, response, response_mask)
+            ref_logprobs = old_logprobs  # --kl-coef 0: no reference pass, the KL term is 0
+            if args.kl_coef:
+                ref_logprobs, _ = common.forward(reference, None, query, query_mask, response, response_mask)
         kl = (old_logprobs - ref_logprobs) * policy_tokens
         rewards = -args.kl_coef * kl
         rewards[torch.arange(len(batch), device=device), common.last_token_index(response_mask)] += scores
@@ -267,12 +267,11 @@ def main(args):
                     v_clipped = values[mu] + (v_new - values[mu]).clamp(-args.vf_clip_range, args.vf_clip_range)
                     vf_losses = torch.max((v_new - returns[mu]) ** 2, (v_clipped - returns[mu]) ** 2)
                     vf_loss = 0.5 * token_mean(vf_losses, value_mask)
-                    # the plain module, not the DDP wrapper (one wrapped pass per backward): DDP averages this MLE
-                    # gradient over the processes in the same backward, together with the PPO terms'
-                    ref_logprobs_mu, _ = common.forward(
-                        policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu]
-                    )
-                    mle_loss = -token_mean(ref_logprobs_mu, ref_mask)
+                    mle_loss = torch.zeros((), device=device)  # --mle-coef 0: no MLE pass
+                    if args.mle_coef:  # the plain module, not the DDP wrapper (one wrapped pass per backward): DDP
+                        # averages this MLE gradient over the processes in the same backward, with the PPO terms'
+                        mle, _ = common.forward(policy, None, query[mu], query_mask[mu], ref_tokens[mu], ref_mask[mu])
+                        mle_loss = -token_mean(mle, ref_mask)
                     loss = pg_loss + args.vf_coef * vf_loss + args.mle_coef * mle_loss
                     loss.backward()
                     with torch.no_grad():
@@ -303,9 +302,9 @@ def main(args):
             "iteration": iteration,
             "episodes": iteration * args.rollouts_per_iteration,
             "train/reward": parallel.gather(scores).mean().item(),
-            "train/kl": parallel.gather(kl.sum(1)).mean().item(),
+            "train/kl": parallel.gather(kl.sum(1)).mean().item() if args.kl_coef else None,
             "train/response_length": parallel.gather(response_mask.sum(1)).float().mean().item(),
-            "policy/entropy": common.masked_mean(entropy, policy_tokens).item(),
+            "policy/entropy": common.masked_mean(-old_logprobs, policy_tokens).item(),  # -log pi of sampled tokens
             "critic/explained_variance": common.explained_variance(values, returns, value_mask),
             "critic/explained_variance_policy_critic": common.explained_variance(values, returns, policy_critic),
             "critic/explained_variance_guide_critic": common.explained_variance(values, returns, guide_critic),

@@ -3,11 +3,30 @@ and a KV cache, a static-cache variant for CUDA graphs (--fast-decoding), and be
 only ever calls `sampler(...)`'s result; this is how it continues a batch of states."""
 
 import collections
+import inspect
 
 import torch
 import transformers
 
 from plumbing import check
+
+# The KV cache's argument and output field: `cache` in transformers 5.2x and later, `past_key_values` before (5.17,
+# the GPU machine's), which the later versions still take with a warning until 5.40.
+CACHE = "cache" if "cache" in inspect.signature(transformers.GPT2LMHeadModel.forward).parameters else "past_key_values"
+
+
+def keeps_logits(model):
+    """Whether the model computes logits only at its last positions when asked (logits_to_keep: causal LMs of
+    transformers 5), so that a pass need not compute the full-vocabulary logits of every prompt position."""
+    model = getattr(model, "module", model)  # a DDP wrapper
+    model = getattr(model, "peft_model", model)  # LoRA's pi_0 (models.AdaptersOff)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def _last_logits_only(model):
+    """{logits_to_keep: 1} where the model takes it: a prefill then computes the logits of its last position only."""
+    return {"logits_to_keep": 1} if keeps_logits(model) else {}
 
 
 def _filter_logits(logits, top_k, top_p):
@@ -106,8 +125,9 @@ def sample(
     tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=query.device)
     lengths = torch.zeros(batch, dtype=torch.long, device=query.device)
     inputs = _model_inputs(model, query, query_mask, prefix, prefix_mask, pad_id)
-    out = model(**inputs, use_cache=True)
-    logits, cache = out.logits[:, -1].float(), out.past_key_values
+    keep_last = _last_logits_only(model)
+    out = model(**inputs, use_cache=True, **keep_last)
+    logits, cache = out.logits[:, -1].float(), getattr(out, CACHE)
     rows = torch.arange(batch, device=query.device)  # the rows still being decoded
     if not (max_new > 0).all():
         keep = (max_new > 0).nonzero().squeeze(1)
@@ -123,8 +143,8 @@ def sample(
             keep = going.nonzero().squeeze(1)
             rows, token, inputs = rows[keep], token[keep], _keep_rows(inputs, cache, keep)
         inputs = _next_inputs(model, inputs, token)
-        out = model(**inputs, past_key_values=cache, use_cache=True)
-        logits, cache = out.logits[:, -1].float(), out.past_key_values
+        out = model(**inputs, **{CACHE: cache}, use_cache=True, **keep_last)
+        logits, cache = out.logits[:, -1].float(), getattr(out, CACHE)
     return tokens, lengths
 
 
@@ -144,7 +164,7 @@ def _decode_step(model, compiled):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 cache_position=cache_position,
-                past_key_values=cache,
+                **{CACHE: cache},
                 use_cache=True,
             )
             .logits[:, -1]
@@ -215,7 +235,13 @@ def sample_static(
         [inputs["attention_mask"], inputs["attention_mask"].new_zeros((size, length - width))], 1
     )  # grows in place
     logits = (
-        model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(width, device=device))
+        model(
+            **inputs,
+            **{CACHE: cache},
+            use_cache=True,
+            cache_position=torch.arange(width, device=device),
+            **_last_logits_only(model),
+        )
         .logits[:, -1]
         .float()
     )

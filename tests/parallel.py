@@ -32,18 +32,17 @@ def fixed_episodes(name):
         draw = randint(high, (size[0] * count,), generator=torch.Generator().manual_seed(0))
         return draw[rank * size[0] : (rank + 1) * size[0]]
 
-    def episodes(
-        samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, pad_id, eos_id=None
-    ):
+    def episodes(samplers, query, query_mask, rollin_by, rollout_by, max_new_tokens, min_new_tokens, rng, tokenizer):
         key = (query * query_mask).sum(1)
         t = torch.arange(max_new_tokens)
         response_mask = t[None] < (2 + key % (max_new_tokens - 1))[:, None]
-        response = torch.where(response_mask, (key[:, None] * 7 + t[None] * 13) % 30 + 2, pad_id)
+        response = torch.where(response_mask, (key[:, None] * 7 + t[None] * 13) % 30 + 2, tokenizer.pad_token_id)
         return dict(
             response=response,
             response_mask=response_mask,
             by_guide=torch.zeros_like(response_mask),
             restart_at=torch.zeros(len(query), dtype=torch.long),
+            short_rollin=torch.zeros(len(query), dtype=torch.bool),
         )
 
     torch.randint = shared_randint

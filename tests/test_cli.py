@@ -215,6 +215,9 @@ def test_offline_default_end_to_end(tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1]
     assert 0 < rows[0]["eval/reward"] < 1 and rows[0]["eval/perplexity"] > 1
     assert os.path.isfile(tmp_path / run_dir / "checkpoint" / "model.safetensors")
+    cache = os.environ.get("RLGF_TEST_CACHE", str(tmp_path / "cache"))
+    config = json.load(open(os.path.join(cache, "smollm2-135m", "config.json")))
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]  # a plain checkpoint
 
 
 @pytest.mark.parametrize(

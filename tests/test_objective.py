@@ -249,3 +249,67 @@ def test_first_minibatch_ratio_is_exactly_one(tiny, tmp_path, recorder, case):
         assert torch.equal(new[mask], old[mask])
         if case == "ppo_pp":
             assert (it["rollout"]["restart_at"][first] > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "t5"])
+def test_forward_matches_a_full_vocabulary_pass_values_and_gradients(tiny, kind):
+    """common.forward computes the logits of the response positions only (logits_to_keep) and log pi(a_t) as
+    logit - logsumexp: its log-probs and their gradients equal those of a plain pass that computes every position's
+    logits and a full log_softmax (the objective is untouched by the savings)."""
+    import common
+    from plumbing import models
+    from test_common import _tiny_llama
+
+    model = {
+        "gpt2": lambda: models.load_lm(tiny["lm"], "cpu"),
+        "llama": _tiny_llama,
+        "t5": lambda: models.load_lm(tiny["t5"], "cpu"),
+    }[kind]()
+    g = torch.Generator().manual_seed(0)
+    query, response = torch.randint(2, 30, (3, 6), generator=g), torch.randint(2, 30, (3, 5), generator=g)
+    query_mask = torch.ones_like(query, dtype=torch.bool)
+    query_mask[0, :2] = False  # left padding
+    response_mask = torch.ones_like(response, dtype=torch.bool)
+    response_mask[1, 3:] = False
+    weights = torch.randn(3, 5, generator=g)
+
+    def plain():
+        inputs, start = common._inputs(model.config, query, query_mask, response, response_mask)
+        logits = model(**inputs).logits[:, start : start + response.shape[1]].float()
+        return logits.log_softmax(-1).gather(2, response[..., None]).squeeze(-1)
+
+    out = []
+    for fn in (plain, lambda: common.forward(model, None, query, query_mask, response, response_mask)[0]):
+        model.zero_grad()
+        logprobs = fn()
+        (logprobs * weights * response_mask).sum().backward()
+        out.append((logprobs.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    assert len(out[0][1]) == len(out[1][1])
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_a_term_at_coefficient_zero_costs_no_pass(tiny, tmp_path, recorder, name):
+    """--kl-coef 0: no forward pass of the reference during training (train/kl is then not measured: null);
+    --mle-coef 0: no pass over the references. With both above 0 both passes run every iteration."""
+    counted = {}
+    for kl_coef, mle_coef in ((0.0, 0.0), (0.3, 0.7)):
+        recorder.clear()
+        flags = dict(num_iterations=2, eval_every=0, kl_coef=kl_coef, mle_coef=mle_coef)
+        _, metrics = run(name, tiny, tmp_path / f"{kl_coef}", **flags)
+        rollouts = [e["response"] for kind, e in recorder if kind == "rollout"]
+
+        def of_a_rollout(pass_):  # every row of the pass is a row of a rollout's responses
+            rows = {tuple(r) for rollout in rollouts for r in rollout.tolist()}
+            return all(tuple(r) in rows for r in pass_["response"].tolist())
+
+        passes = [e for kind, e in recorder if kind == "forward"]
+        policy = next(p["model"] for p in passes if p["grad"])  # an update's pass
+        reference = [p for p in passes if not p["grad"] and p["model"] is not policy and of_a_rollout(p)]
+        mle = [p for p in passes if p["grad"] and not of_a_rollout(p)]  # over the dataset's references
+        counted[kl_coef] = (len(reference), len(mle))
+        assert (metrics[1]["train/kl"] is None) == (kl_coef == 0)
+    # 2 iterations; the tiny runs' 8 episodes in minibatches of 4, 2 epochs: 8 steps, each with its MLE pass
+    assert counted[0.0] == (0, 0) and counted[0.3] == (2, 8)

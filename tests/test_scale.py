@@ -174,6 +174,7 @@ def test_a_separate_critic_is_a_second_adapter_whose_gradients_never_reach_the_p
     g = torch.Generator().manual_seed(0)
     query, response = torch.randint(2, 20, (3, 5), generator=g), torch.randint(2, 20, (3, 4), generator=g)
     ones = lambda x: torch.ones_like(x, dtype=torch.bool)  # noqa: E731
+    common.forward(reference, None, query, ones(query), response, ones(response))  # peft's switching off and on again
     logprobs, values = common.forward(policy, value_head, query, ones(query), response, ones(response))
     trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     assert any(".critic." in n for n in trained) and any(".default." in n for n in trained)

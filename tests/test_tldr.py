@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import NEGATIVE, POSITIVE, args_for, run, script
 from plumbing import models
@@ -157,12 +158,13 @@ def test_tldr_runs_every_algorithm_with_the_presets_lora(tiny, tmp_path, reward_
         num_iterations=1,
         min_new_tokens=0,
         prompt_len=24,
-        truncation_side=None,
         eval_size=6,
         **({"alpha": 1} if name == "d2lols" else {}),
     )
     assert seen["lora"] == (8, 64.0, 1.0, 0.002, 0.2)
     assert os.path.isfile(os.path.join(run_dir, "checkpoint", "adapter_model.safetensors"))
+    critic = os.path.join(run_dir, "checkpoint", "critic", "adapter_model.safetensors")  # Table 6's separate critic
+    assert os.path.isfile(critic) and any(v.abs().sum() > 0 for k, v in load_file(critic).items() if "lora_B" in k)
     for key in (
         "eval/reward",
         "eval/rouge1",
