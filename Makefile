@@ -13,7 +13,7 @@ TORCH = $(shell grep '^torch==' requirements.lock)
 
 # torch: where nvidia-smi lists a GPU, PyPI's build (on Linux the CUDA build, which brings ~3 GB of CUDA libraries).
 # Elsewhere the CPU build (~200 MB) from PyTorch's CPU index; its other dependencies are in the lock.
-ifeq ($(shell nvidia-smi -L 2>/dev/null),)
+ifeq ($(shell nvidia-smi -L 2>/dev/null | grep '^GPU'),)
 TORCH_INSTALL = $(PIP) install --no-deps --index-url https://download.pytorch.org/whl/cpu $(TORCH)
 else
 TORCH_INSTALL = $(PIP) install $(TORCH)
