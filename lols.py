@@ -102,7 +102,7 @@ class Args:
     eval_every: int = 4
     """evaluate every this many iterations (and at 0 and at the end; 0: only then)"""
     eval_size: int = 96
-    """prompts per evaluation"""
+    """prompts per evaluation (0: no evaluation, nor a model only the evaluation would need)"""
     eval_split: Literal["validation", "test"] = "validation"
     """the split evaluations use: validation during training, test for a final report"""
     eval_num_beams: int = 1
@@ -165,7 +165,7 @@ def main(args):
     samplers[GUIDE], guide = models.load_guide(args, tokenizer, frozen_lms, device, dtype)
 
     params = [{"params": policy.parameters()}, {"params": value_head.parameters(), "lr": args.vf_learning_rate}]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0, fused=True)
     updates = args.num_iterations * args.ppo_epochs * (args.rollouts_per_iteration // args.minibatch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, common.lr_lambda(args.lr_schedule, updates))
     start = runs.load_training_state(args.resume, value_head, optimizer, scheduler, rng) if args.resume else 0
@@ -183,7 +183,7 @@ def main(args):
             generate, model, eval_lm, tokenizer, reward_fn, eval_pairs, args, device, args.seed, reference
         )
 
-    if start == 0:
+    if start == 0 and args.eval_size:  # --eval-size 0: no evaluation at all
         metrics, samples = evaluate()
         guide_metrics, _ = evaluate(samplers[GUIDE], guide)
         metrics.update({k.replace("eval/", "eval/guide_"): v for k, v in guide_metrics.items()})  # SFT+nucleus row
@@ -319,7 +319,9 @@ def main(args):
             **guides.seam_stats(samplers[GUIDE]),
         }
         samples = None
-        if iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0):
+        if args.eval_size and (
+            iteration == args.num_iterations or (args.eval_every and iteration % args.eval_every == 0)
+        ):
             metrics, samples = evaluate()
             row.update(metrics)
         logger.log(row, samples)

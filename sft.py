@@ -97,6 +97,7 @@ def main(args):
     check(args.resume is None, "sft.py has no --resume")
     check(parallel.processes()[1] == 1, "sft.py runs in one process: start it with python, not accelerate launch")
     check(args.num_epochs > 0 and args.batch_size >= 1, "--num-epochs and --batch-size must be positive")
+    check(args.eval_size >= 1, "sft.py evaluates before and after: --eval-size must be >= 1")
     models.require_assets(args, ["dataset_name", "model_name", "reward_model_name", "eval_lm_name"])
     path = runs.run_dir(args)
     common.seed_everything(args.seed)

@@ -209,7 +209,8 @@ def mixed_precision(model, dtype):
 
 def load_reference_and_policy(args, device, dtype=torch.float32):
     """pi_0 (frozen KL reference, stored in `dtype`) and pi_theta, a trainable fp32 copy of it (mixed precision);
-    both from --model-name. Under LoRA (--lora-r > 0) pi_theta is the base with adapters and pi_0 the same base with
+    both from --model-name; pi_0 is None when nothing needs it (--kl-coef 0, --eval-size 0, no guide of it).
+    Under LoRA (--lora-r > 0) pi_theta is the base with adapters and pi_0 the same base with
     them off: no copy. With --resume the policy's weights come from the run's checkpoint while pi_0 stays the
     starting model."""
     separate = getattr(args, "critic", "shared") == "separate"
@@ -222,11 +223,11 @@ def load_reference_and_policy(args, device, dtype=torch.float32):
             check(not policy.config.is_encoder_decoder, "--critic separate: causal LMs only")
             policy.critic_trunk = CriticTrunk(policy, dtype)
     else:
-        reference = frozen(load_lm(args.model_name, device))
-        policy = copy.deepcopy(reference)
-        reference.to(dtype)
-        for p in policy.parameters():
-            p.requires_grad_(True)
+        policy = load_lm(args.model_name, device)
+        guided = getattr(args, "guide_name", None) == args.model_name  # the default guide is this frozen copy
+        reference = None  # no KL term, no evaluation, no guide of it: no frozen copy at all
+        if args.kl_coef or args.eval_size or guided:
+            reference = frozen(copy.deepcopy(policy)).to(dtype)
     mixed_precision(policy, dtype)
     if args.resume:
         try:

@@ -139,7 +139,7 @@ def check_args(args):
             not isinstance(value, float) or math.isfinite(value),
             f"--{field.name.replace('_', '-')} must be a finite number, got {value}",
         )
-    for name in ("num_iterations", "eval_every", "save_every", "top_k", "kl_coef", "vf_coef", "mle_coef"):
+    for name in ("num_iterations", "eval_every", "save_every", "top_k", "kl_coef", "vf_coef", "mle_coef", "eval_size"):
         if has(name):
             check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in (
@@ -148,7 +148,6 @@ def check_args(args):
         "ppo_epochs",
         "max_new_tokens",
         "prompt_len",
-        "eval_size",
         "eval_num_beams",
         "eval_best_of",
     ):

@@ -91,12 +91,15 @@ def datasets_of(name, columns, needed):
     """datasets.load_dataset(name), its problems in one line: a split or column missing, a file that is not text."""
     import datasets
 
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.logging.CRITICAL)  # its own report of a bad file: ours is one line
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 (a damaged file surfaces as many types: JSON, UTF-8, Arrow, an empty file)
-        raise UserError(
-            f"dataset {name}: cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
-        ) from None
+        while e.__cause__ or e.__context__:  # datasets wraps the reason: the innermost error names it
+            e = e.__cause__ or e.__context__
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"dataset {name}: cannot be read ({type(e).__name__}: {reason})") from None
     for split in needed:
         options = split if isinstance(split, tuple) else (split,)
         check(any(s in ds for s in options), f"dataset {name} needs a '{options[-1]}' split ({', '.join(columns)})")
@@ -216,6 +219,10 @@ def load_judge(name, template_path, device, dtype, seed):
     complete = guides.local_completer(model, tokenizer, top_k=1, top_p=1.0)  # top-k 1: greedy
 
     def ask(prompts):
+        context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        longest = max(len(tokenizer(p).input_ids) for p in prompts) + JUDGE_MAX_TOKENS if prompts else 0
+        check(not context or longest <= context, f"--eval-judge {name}: the prompt and answer ({longest} tokens) are "
+              f"longer than the judge's context ({context} tokens)")  # fmt: skip
         if tokenizer.chat_template:
             prompts = [
                 tokenizer.apply_chat_template(

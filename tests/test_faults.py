@@ -85,8 +85,8 @@ def test_a_second_resume_of_a_running_run_is_refused(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ppo", "grpo_pp"])
 def test_non_finite_weights_are_never_saved_or_logged(tiny, tmp_path, monkeypatch, name):
-    """An update that leaves one weight non-finite (here: AdamW's step made to write an inf in iteration 2) stops the
-    run in one line before that iteration is logged or saved: the iteration-1 checkpoint is as a 1-iteration run
+    """An update that leaves one weight non-finite (here: AdamW's last step of iteration 2 made to write an inf) stops
+    the run in one line before that iteration is logged or saved: the iteration-1 checkpoint is as a 1-iteration run
     leaves it."""
     run(name, tiny, tmp_path / "one", num_iterations=1, save_every=1, eval_size=4)
     (one,) = [os.path.join(tmp_path / "one", d) for d in os.listdir(tmp_path / "one")]
@@ -95,7 +95,10 @@ def test_non_finite_weights_are_never_saved_or_logged(tiny, tmp_path, monkeypatc
     def poisoned_step(self, *args, **kwargs):
         out = step(self, *args, **kwargs)
         calls.append(1)
-        if len(calls) == 5:  # iteration 2's first step (4 steps an iteration: 8 episodes, minibatches of 4, 2 epochs)
+        if (
+            len(calls) == 8
+        ):  # iteration 2's last step (4 an iteration: 8 episodes, minibatches of 4, 2 epochs): no later
+            # loss of that iteration sees it, only the check of the weights does
             self.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
         return out
 
@@ -263,15 +266,19 @@ def write(directory, split, text):
 
 
 PAIR = json.dumps({"prompt": "POST: a", "chosen": "TL;DR: good", "rejected": "TL;DR: bad"}) + "\n"
+POST = json.dumps({"prompt": "POST: great film\nTL;DR:", "label": "great"}) + "\n"
 
 
 @pytest.mark.parametrize(
     "train, message",
     [
-        (json.dumps({"prompt": "POST: a", "chosen": "TL;DR: good"}) + "\n", "its train split has no rejected column"),
+        (json.dumps({"prompt": "POST: a", "chosen": "TL;DR: good"}) + "\n", "because column names don't match"),
         (b"\xff\xfe\x00garbage", "cannot be read"),
         ("", "cannot be read"),
-        (json.dumps({"prompt": "POST: a", "chosen": None, "rejected": "x"}) + "\n", "a train pair has a null value"),
+        (
+            PAIR + json.dumps({"prompt": "POST: a", "chosen": None, "rejected": "x"}) + "\n",
+            "a train pair has a null value",
+        ),
         ('{"prompt": "POST: a", "chosen": ', "cannot be read"),
     ],
 )
@@ -288,14 +295,11 @@ def test_malformed_preference_files_are_one_line(tiny, tmp_path, train, message)
     assert not os.path.isdir(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
-POST = json.dumps({"prompt": "POST: great film\nTL;DR:", "label": "great"}) + "\n"
-
-
 @pytest.mark.parametrize(
     "train, message",
     [
-        (json.dumps({"prompt": "POST: a\nTL;DR:"}) + "\n", "its train split has no label column"),
-        (json.dumps({"prompt": "POST: a\nTL;DR:", "label": None}) + "\n", "a train row has no prompt or label"),
+        (json.dumps({"prompt": "POST: a\nTL;DR:"}) + "\n", "because column names don't match"),
+        (POST + json.dumps({"prompt": "POST: a\nTL;DR:", "label": None}) + "\n", "a train row has no prompt or label"),
         (b"\xff\xfe\x00garbage", "cannot be read"),
         (json.dumps({"prompt": "POST: a\nTL;DR:", "label": "  "}) + "\n", "no train or validation row with a summary"),
     ],

@@ -77,7 +77,7 @@ def test_the_imports_form_a_tree():
 
 
 def test_ruff_format_and_lint_pass():
-    """ruff format --check and ruff check (ruff.toml: line length 120, pyflakes, pycodestyle, import order)."""
+    """ruff format --check and ruff check (pyproject.toml: line length 120, pyflakes, pycodestyle, import order)."""
     for command in (["format", "--check"], ["check"]):
         done = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr

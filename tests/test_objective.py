@@ -313,3 +313,16 @@ def test_a_term_at_coefficient_zero_costs_no_pass(tiny, tmp_path, recorder, name
         assert (metrics[1]["train/kl"] is None) == (kl_coef == 0)
     # 2 iterations; the tiny runs' 8 episodes in minibatches of 4, 2 epochs: 8 steps, each with its MLE pass
     assert counted[0.0] == (0, 0) and counted[0.3] == (2, 8)
+
+
+def test_without_kl_evaluation_or_guide_no_frozen_copy_is_kept(tiny, tmp_path, monkeypatch):
+    """--kl-coef 0 --eval-size 0 (full fine-tuning, no guide): no frozen copy of the starting model is made (nothing
+    would read it) and no evaluation row is logged; with --eval-size 1 the copy is back (eval/kl reads it)."""
+    from plumbing import models
+
+    loaded, load = [], models.load_reference_and_policy
+    monkeypatch.setattr(models, "load_reference_and_policy", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    _, rows = run("grpo", tiny, tmp_path / "none", num_iterations=1, kl_coef=0.0, eval_size=0)
+    assert loaded[-1][0] is None and all("eval/reward" not in r for r in rows) and [r["iteration"] for r in rows] == [1]
+    _, rows = run("grpo", tiny, tmp_path / "one", num_iterations=1, kl_coef=0.0, eval_size=1)
+    assert loaded[-1][0] is not None and "eval/kl" in rows[-1]

@@ -310,6 +310,7 @@ def test_a_judge_gives_the_win_rate_in_the_evaluation(tiny, tmp_path, reward_dir
         prompt_len=24,
         eval_size=6,
         lora_r=0,
+        critic="shared",
         eval_judge=tiny["lm"],
         eval_judge_prompt=str(prompt),
     )
@@ -374,7 +375,14 @@ def test_tldr_needs_a_reward_model_and_the_judge_needs_its_prompt(tiny, tmp_path
         tiny["lm"],
         "--output-dir",
         str(tmp_path),
+        "--lora-r",
+        "0",
+        "--critic",
+        "shared",
     )
+    # the preset's prompt (the paper's) is longer than the tiny judge's 128 positions: said in one line
+    assert done.returncode == 2 and "longer than the judge's context (128 tokens)" in done.stderr, done.stderr
+    done, _ = cli(*done.args[1:], "--eval-judge-prompt", "None")
     assert done.returncode == 2 and "--eval-judge needs --eval-judge-prompt" in done.stderr, done.stderr
     done, _ = cli("ppo.py", "--eval-judge", tiny["lm"])
     assert done.returncode == 2 and "the judged win rate is a tldr metric" in done.stderr
