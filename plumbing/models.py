@@ -326,7 +326,10 @@ def require_assets(args, flags):
     for flag in flags:
         name = getattr(args, flag)
         check(name != "openai:", f"--{flag.replace('_', '-')} openai:MODEL needs the served model's name after openai:")
-        looks_local = name and (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1)
+        served = name and name.startswith(("openai:", "scattertext:"))  # not paths, whatever their slashes
+        looks_local = (
+            name and not served and (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1)
+        )
         check(not looks_local or os.path.exists(name), f"--{flag.replace('_', '-')} {name}: no such file or directory")
         if name and flag != "dataset_name" and os.path.isdir(name):
             try:

@@ -201,17 +201,24 @@ def test_guide_and_reference_stay_frozen(tiny, tmp_path, monkeypatch, name):
     """The guide (here a different model, lm2) and the KL reference are bit-identical before and after a run."""
 
     loaded = {}
-    load = models.load_lm
+    load, load_both = models.load_lm, models.load_reference_and_policy
 
     def record(path, device, *dtype):
         model = load(path, device, *dtype)
         loaded.setdefault(path, []).append(model)
         return model
 
+    def record_reference(args, *rest):
+        reference, policy = load_both(args, *rest)
+        loaded["reference"] = reference
+        return reference, policy
+
     monkeypatch.setattr(models, "load_lm", record)
+    monkeypatch.setattr(models, "load_reference_and_policy", record_reference)
     extra = {"alpha": 1} if name == "d2lols" else {}
     run(name, tiny, tmp_path, guide_name=tiny["lm2"], beta=0.5, **extra)
-    guide, reference = loaded[tiny["lm2"]][0], loaded[tiny["lm"]][0]
+    guide, reference = loaded[tiny["lm2"]][0], loaded["reference"]
+    assert reference is not None and guide is not reference
     for model, path in ((guide, tiny["lm2"]), (reference, tiny["lm"])):
         fresh = AutoModelForCausalLM.from_pretrained(path).state_dict()
         for key, value in model.state_dict().items():

@@ -223,9 +223,8 @@ def test_overhead_prints_ratios(tiny):
     assert list(table) == ["ppo", "ppo_pp"]
     for name, (iteration_s, generate_s, ratio) in table.items():
         assert 0 < generate_s < iteration_s  # generation is part of an iteration
-        assert ratio == pytest.approx(
-            iteration_s / table["ppo"][0], rel=0.02, abs=0.006
-        )  # to the first script (printed rounded)
+        base, half = table["ppo"][0], 0.0005  # times printed to 3 decimals, ratios to 2: bound the rounding
+        assert (iteration_s - half) / (base + half) - 0.005 <= ratio <= (iteration_s + half) / (base - half) + 0.005
 
 
 def test_trunk_gradients_splits_the_loss(tiny, tmp_path):
@@ -368,7 +367,7 @@ def test_study_compares_the_chosen_algorithms(tiny, tmp_path):
     bad = subprocess.run(
         [sys.executable, "benchmark/study.py", "--algorithms", "ppo", "sac"], cwd=ROOT, capture_output=True, text=True
     )
-    assert bad.returncode == 1 and "unknown algorithm(s) sac" in bad.stderr
+    assert bad.returncode == 2 and "unknown algorithm(s) sac" in bad.stderr
 
 
 def test_profile_times_every_phase(tiny, tmp_path):

@@ -162,7 +162,7 @@ def lm(tiny):
 
 
 class Recorder:
-    """Wraps a causal LM: records every call's input_ids shape, past_key_values and last-position logits; optionally
+    """Wraps a causal LM: records every call's input_ids shape, KV cache and last-position logits; optionally
     boosts EOS: boost(call_index) -> a [B] tensor added to the EOS logit of that call's last position (or None).
     (The tiny random GPT-2 mostly predicts its current input token, so comparing logits, not just greedy tokens, is
     what makes the padding and cache checks bite.)"""
@@ -171,12 +171,15 @@ class Recorder:
         self.model, self.boost, self.calls = model, boost, []
         self.config = model.config
 
+    def get_base_model(self):  # what the sampler inspects for the model's forward signature (logits_to_keep)
+        return self.model
+
     def __call__(self, **kwargs):
         out = self.model(**kwargs)
         self.calls.append(
             dict(
                 shape=tuple(kwargs["input_ids"].shape),
-                past=kwargs.get("past_key_values"),
+                past=kwargs.get(decoding.CACHE),
                 logits=out.logits[:, -1].clone(),
             )
         )

@@ -295,8 +295,8 @@ def test_served_guide_errors_are_one_line(tiny, tmp_path, server):
         "4",
     ]
     for guide, api_base, expected in (
-        (f"openai:{tiny['lm']}", f"http://127.0.0.1:{free_port()}/v1", "cannot reach the guide's server"),
-        ("openai:no-such-model", server, "the server refused the request"),
+        (f"openai:{tiny['lm']}", f"http://127.0.0.1:{free_port()}/v1", "the guide's server cannot be reached"),
+        ("openai:no-such-model", server, "the guide's server refused the request"),
     ):
         out, _ = cli(*flags, "--guide-name", guide, "--guide-api-base", api_base)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
