@@ -2,6 +2,9 @@
 the SFT model (nucleus sampling) as the guide, several seeds, identical budgets; a table and a reward curve.
 
     python benchmark/study.py                                   # offline default task, 3 seeds
+    python benchmark/study.py --task verdicts --start zero-shot # docs/predictions.md: the zero-shot model learns,
+                                                                # the SFT checkpoint is its guide
+    python benchmark/study.py ... --variants ppo_pp:beta=0.5 d2lols:alpha=1   # ablations, paired with PPO's seeds
     python benchmark/study.py --parallel 15 --num-iterations 30 # on a GPU, all runs at once
     python benchmark/study.py ... -- --model-name DIR           # flags after -- go to sft.py, every RL run and
     final_eval.py
@@ -79,6 +82,12 @@ class Args:
     """the sampling seed of the final evaluation, the same for every row"""
     keep_checkpoints: bool = False
     """keep each RL run's checkpoint after its final evaluation (default: deleted; the SFT checkpoint always stays)"""
+    start: Literal["sft", "zero-shot"] = "sft"
+    """where every RL run starts: the SFT checkpoint, which is also the guide (the paper's Table 1), or the zero-shot
+    model (the task's --model-name) with the SFT checkpoint as its guide and the zero-shot model as pi_0 of eval/kl"""
+    variants: tuple[str, ...] = ()
+    """ablations: SCRIPT:FLAG=VALUE rows (ppo_pp:beta=0.5, d2lols:alpha=1), each run with the same seeds as the rest
+    and paired with PPO's (ppo is in every study with variants)"""
 
 
 def run(argv, log):
@@ -174,14 +183,17 @@ def main(args, extra):
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     runs = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-    rollouts = args.rollouts_per_iteration or tasks.defaults(ppo.Args, args.task).rollouts_per_iteration
+    preset = tasks.defaults(ppo.Args, args.task)
+    rollouts = args.rollouts_per_iteration or preset.rollouts_per_iteration
+    # the rows: every algorithm, then every variant (name, script, its own flags)
+    row_specs = [(a, a, []) for a in args.algorithms] + [variant(v) for v in args.variants]
     common_flags = ["--task", args.task, "--eval-size", str(args.eval_size), "--eval-split", args.eval_split, *extra]
 
     # 1. SFT on the positive reviews
     sft_parent = os.path.join(runs, "sft")
     reused = [
         name
-        for name in ["sft", *[f"{a}_{s}" for a in args.algorithms for s in range(1, args.seeds + 1)]]
+        for name in ["sft", *[f"{slug(r)}_{s}" for r, _, _ in row_specs for s in range(1, args.seeds + 1)]]
         if finished(os.path.join(runs, name))
     ]
     if not finished(sft_parent):
@@ -194,15 +206,19 @@ def main(args, extra):
     sft_run = the_run(sft_parent)
     checkpoint = os.path.join(sft_run, "checkpoint")
 
-    # 2. Every algorithm from the SFT checkpoint, the SFT model as guide (the default --guide-name), same budget
+    # 2. Every algorithm from the SFT checkpoint, the SFT model as guide (the default --guide-name), same budget; or
+    # (--start zero-shot) from the zero-shot model with the SFT checkpoint as the guide
+    zero_shot = extra[extra.index("--model-name") + 1] if "--model-name" in extra else preset.model_name
+    start_flags = ["--model-name", checkpoint] if args.start == "sft" else []
     jobs = []
-    for algorithm in args.algorithms:
+    for row, algorithm, own_flags in row_specs:
+        guide = ["--guide-name", checkpoint] if args.start == "zero-shot" and algorithm not in ("ppo", "grpo") else []
         for seed in range(1, args.seeds + 1):
-            parent = os.path.join(runs, f"{algorithm}_{seed}")
+            parent = os.path.join(runs, f"{slug(row)}_{seed}")
             flags = [
                 *common_flags,
-                "--model-name",
-                checkpoint,
+                *start_flags,
+                *guide,
                 "--seed",
                 str(seed),
                 "--output-dir",
@@ -216,9 +232,9 @@ def main(args, extra):
                 "--save-every",
                 "0",
             ]
-            if algorithm == "d2lols":
+            if algorithm == "d2lols" and "--alpha" not in own_flags:
                 flags += ["--alpha", str(round(args.d2lols_alpha_share * args.num_iterations))]
-            jobs.append((algorithm, seed, parent, [f"{algorithm}.py", *flags]))
+            jobs.append((row, seed, parent, [f"{algorithm}.py", *flags, *own_flags]))
 
     # 3. The final evaluation of every row, the same for all: the same prompts, the same sampling seed, eval/kl from the
     # SFT checkpoint (pi_0 of every run). A flag passed after -- (--model-name ...) sets the zero-shot model, the one
@@ -234,7 +250,7 @@ def main(args, extra):
         "--seed",
         str(args.final_eval_seed),
         "--reference",
-        checkpoint,
+        checkpoint if args.start == "sft" else zero_shot,
     ]
     settings = {"split": args.eval_split, "final_eval_size": args.final_eval_size, "seed": args.final_eval_seed}
 
@@ -247,9 +263,8 @@ def main(args, extra):
             run(["benchmark/final_eval.py", *final_flags, *model_flags, "--out", path], path[: -len(".json")] + ".log")
         return json.load(open(path))
 
-    guided = [
-        a for a in args.algorithms if a not in ("ppo", "grpo")
-    ]  # they use the guide (and evaluate it at iteration 0)
+    guided = [row for row, a, _ in row_specs if a not in ("ppo", "grpo")]  # they use the guide (and evaluate it at
+    # iteration 0)
     baselines = {"zero-shot": ("zero-shot", []), "SFT": ("sft", ["--model-name", checkpoint])}
     if guided:
         baselines["guide (SFT + nucleus)"] = ("guide", ["--model-name", checkpoint, "--guide"])
@@ -299,7 +314,7 @@ def main(args, extra):
     }
     for row, result in baseline_results.items():
         results["rows"][row] = {k: [result["metrics"][k]] for k, _ in METRICS}
-    for algorithm in args.algorithms:
+    for algorithm, _, _ in row_specs:
         results["rows"][algorithm] = {
             k: [f["metrics"][k] for (a, *_), f in zip(jobs, finals) if a == algorithm] for k, _ in METRICS
         }  # seeds 1, 2, ...
@@ -311,7 +326,7 @@ def main(args, extra):
     if "ppo" in args.algorithms and args.seeds >= 2:
         results["differences_from_ppo"] = {
             a: {k: paired_difference(results["rows"][a][k], results["rows"]["ppo"][k]) for k, _ in METRICS}
-            for a in args.algorithms
+            for a, _, _ in row_specs
             if a != "ppo"
         }
     # the plot's guide line: the guide's evaluations at iteration 0 of the first guided algorithm's runs (the curves'
@@ -344,7 +359,13 @@ def markdown(results, args):
     final = results["final_eval"]
     lines = [
         f"Final evaluation of every row on {final['prompts']} prompts of the {final['split']} split, "
-        f"sampling seed {final['seed']}, the same for every row; mean ± std over {args.seeds} seeds "
+        f"sampling seed {final['seed']}, the same for every row; every run starts from "
+        + (
+            "the SFT checkpoint, its guide"
+            if args.start == "sft"
+            else "the zero-shot model, the SFT checkpoint its guide"
+        )
+        + f"; mean ± std over {args.seeds} seeds "
         f"({args.num_iterations} iterations x {results['rollouts_per_iteration']} episodes). "
         "The curves (reward_curve.png) are the runs' evaluations during "
         f"training ({args.eval_size} prompts, each run's own seed).",
@@ -373,7 +394,7 @@ def markdown(results, args):
                 f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diffs[key] for key, _ in METRICS)
             ]
             lines.append(f"| {algorithm} | " + " | ".join(cells) + " |")
-    total = 1 + len(results["args"]["algorithms"]) * args.seeds
+    total = 1 + (len(results["args"]["algorithms"]) + len(results["args"]["variants"])) * args.seeds
     reused = (
         f" ({len(results['reused_runs'])} of its {total} runs reused from an earlier invocation)"
         if results["reused_runs"]
@@ -429,9 +450,28 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def variant(spec):
+    """'ppo_pp:beta=0.5' -> ('ppo_pp beta=0.5', 'ppo_pp', ['--beta', '0.5'])."""
+    script, _, setting = spec.partition(":")
+    flag, _, value = setting.partition("=")
+    check(
+        script in ALGORITHMS and flag and value,
+        f"--variants {spec}: expected SCRIPT:FLAG=VALUE with SCRIPT one of {', '.join(ALGORITHMS)}",
+    )
+    return f"{script} {flag}={value}", script, [f"--{flag.replace('_', '-')}", value]
+
+
+def slug(row):
+    """A row's name as a directory name: 'ppo_pp beta=0.5' -> 'ppo_pp-beta-0.5'."""
+    return row.replace(" ", "-").replace("=", "-")
+
+
 def check_args(args):
     unknown = sorted(set(args.algorithms) - set(ALGORITHMS))
     check(not unknown, f"unknown algorithm(s) {', '.join(unknown)}; choose from: {', '.join(ALGORITHMS)}")
+    for spec in args.variants:
+        variant(spec)
+    check(not args.variants or "ppo" in args.algorithms, "--variants are paired with ppo: keep ppo in --algorithms")
     check(args.seeds >= 1 and args.final_eval_size >= 0, "--seeds must be >= 1, --final-eval-size >= 0 (0: all)")
     check(args.parallel >= 1 and args.num_iterations >= 1, "--parallel and --num-iterations must be >= 1")
 

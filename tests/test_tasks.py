@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 from plumbing import UserError, models
-from tasks import commongen, sentiment
+from tasks import commongen, sentiment, verdicts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def test_task_names_are_the_presets():
     assert (
         typing.get_args(tasks.Name)
         == tuple(tasks.TASKS)
-        == ("rotten-tomatoes", "imdb", "commongen", "concepts", "tldr")
+        == ("rotten-tomatoes", "imdb", "commongen", "concepts", "tldr", "verdicts")
     )
     assert tasks.TASKS["rotten-tomatoes"] == {}
     names = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols", "grpo", "grpo_pp", "sft", "reward_model"]
@@ -316,3 +316,58 @@ def test_concepts_task_data():
         assert 3 <= len(concepts) == reward_data["concepts"][prompt] <= 5
         assert all(c in reference.lower() for c in concepts)
         assert reference.endswith("<eos>") and reward_data["references"][prompt] == [reference[1 : -len("<eos>")]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verdicts: the designed task (docs/predictions.md)
+# ---------------------------------------------------------------------------------------------------------------
+def test_verdicts_data_keeps_the_critics_labels_and_the_film_split():
+    """Every prompt shows two snippets whose labels are the critics' own, the reference answers them in the asked
+    form, no film is in two splits, and the train split pairs every snippet twice."""
+
+    class Tokenizer:
+        eos_token = "<eos>"
+
+    data, reward_data = verdicts.load_verdicts(Tokenizer())
+    rows = sentiment.rotten_tomatoes_rows()
+    seen_as = {}  # a snippet's text -> its (split, label) pairs (a few texts are quoted for more than one film)
+    for r in rows:
+        seen_as.setdefault(" ".join(r["text"].split()), set()).add(
+            (sentiment.movie_split(r["movie_name"]), r["category"])
+        )
+    assert len(data["validation"]) > 200 and len(data["test"]) > 200 and len(data["train"]) > 3000
+    for split, pairs in data.items():
+        for prompt, reference in pairs:
+            snippets = [line.split(". ", 1)[1] for line in prompt.split("<|im_end|>")[0].split("\n")[2:]]
+            labels = reward_data["labels"][prompt]
+            assert len(snippets) == 2 and all((split, y) in seen_as[s] for s, y in zip(snippets, labels))
+            assert reference == verdicts.answer(reward_data["labels"][prompt]) + "<eos>"
+            assert prompt.endswith("<|im_start|>assistant\n")
+    shown = Counter(
+        line.split(". ", 1)[1] for p, _ in data["train"] for line in p.split("<|im_end|>")[0].split("\n")[2:]
+    )
+    rows_of = Counter(" ".join(r["text"].split()) for r in rows if sentiment.movie_split(r["movie_name"]) == "train")
+    assert all(n <= 2 * rows_of[text] for text, n in shown.items())  # each snippet row at most twice
+    assert sum(shown.values()) > 1.9 * sum(n for text, n in rows_of.items() if len(text.split()) <= verdicts.MAX_WORDS)
+
+
+def test_verdicts_reward_is_all_or_nothing_on_form_and_labels():
+    prompt = "p"
+    reward = verdicts.VerdictsReward({"labels": {prompt: ["fresh", "rotten"]}})
+    answers = {
+        "1. fresh\n2. rotten": 1.0,
+        " 1. Fresh.\n2. ROTTEN\n": 1.0,  # case, a trailing period, surrounding space
+        "fresh\nrotten": 1.0,  # the numbers may go
+        "1. fresh\n\n2. rotten": 1.0,  # blank lines are not lines
+        "1. rotten\n2. rotten": 0.0,  # one verdict wrong
+        "1. fresh": 0.0,  # one verdict missing
+        "1. fresh, 2. rotten": 0.0,  # not one per line
+        "1. fresh review\n2. rotten": 0.0,  # more than the word
+        "1. fresh\n2. rotten\n3. fresh": 1.0,  # lines after the asked two are not read
+        "": 0.0,
+    }
+    prompts, generations = [prompt] * len(answers), list(answers)
+    assert reward(prompts, generations).tolist() == list(answers.values())
+    metrics = reward.metrics(prompts, generations)
+    assert metrics["format"] == pytest.approx(6 / 10)  # all but the missing, comma and "review" answers, and ""
+    assert metrics["accuracy"] == pytest.approx((5 * 1.0 + 0.5) / 10)  # a malformed answer counts 0
