@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from plumbing.decoding import keeps_logits
+from plumbing.decoding import in_row_chunks, keeps_logits
 from plumbing.parallel import gather_lists, processes, total
 
 # Who generates a token (generate_with_restarts): no rollin at all, the policy pi_theta, or the guide pi_g.
@@ -175,6 +175,7 @@ def _logits(model, query, query_mask, response, response_mask, hidden=False):
     return logits.float(), states[:, start : start + n] if hidden else None
 
 
+@in_row_chunks  # without gradients, a few rows at a time (memory; plumbing/decoding.py)
 def forward(model, value_head, query, query_mask, response, response_mask):
     """One forward pass over prompt + response: log pi(a_t | s_t) for every response token [B, N] and, with a
     value head, V(s_t) from each head [B, N, heads] (the state s_t is everything before a_t)."""

@@ -3,6 +3,7 @@ and a KV cache, a static-cache variant for CUDA graphs (--fast-decoding), and be
 only ever calls `sampler(...)`'s result; this is how it continues a batch of states."""
 
 import collections
+import functools
 import inspect
 
 import torch
@@ -22,6 +23,33 @@ def keeps_logits(model):
     model = getattr(model, "peft_model", model)  # LoRA's pi_0 (models.AdaptersOff)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+LOGITS_AT_ONCE = 2**24  # a no-grad pass computes at most this many logits at once (64 MB in fp32)
+
+
+def in_row_chunks(forward):
+    """common.forward without gradients (old log-probs, the reference, evaluation) over a whole round at once would
+    hold the full-vocabulary logits of every response token of every row, twice over in logsumexp: hundreds of MB
+    that the training minibatches never need. Without gradients, the rows go through in chunks of at most
+    LOGITS_AT_ONCE logits; with gradients, or when a chunk would be the whole batch, the call is unchanged."""
+
+    @functools.wraps(forward)
+    def chunked(model, value_head, query, query_mask, response, response_mask):
+        config = getattr(getattr(model, "module", model), "config", None)
+        per_row = response.shape[1] * getattr(config, "vocab_size", 0)
+        rows = max(1, LOGITS_AT_ONCE // per_row) if per_row else len(query)
+        if torch.is_grad_enabled() or rows >= len(query):
+            return forward(model, value_head, query, query_mask, response, response_mask)
+        parts = [
+            forward(model, value_head, query[i : i + rows], query_mask[i : i + rows], response[i : i + rows],
+                    response_mask[i : i + rows])
+            for i in range(0, len(query), rows)
+        ]  # fmt: skip
+        values = torch.cat([v for _, v in parts]) if parts[0][1] is not None else None
+        return torch.cat([logprobs for logprobs, _ in parts]), values
+
+    return chunked
 
 
 def _last_logits_only(model):

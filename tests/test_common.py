@@ -923,6 +923,34 @@ def test_forward_matches_unpadded_per_sample(lm):
             )
 
 
+def test_forward_without_gradients_goes_in_row_chunks(lm, monkeypatch):
+    """Without gradients, forward splits the rows so that at most decoding.LOGITS_AT_ONCE logits exist at once, and
+    gives what one pass over all rows gives; with gradients it is one pass."""
+    torch.manual_seed(6)
+    head = torch.nn.Linear(lm.config.hidden_size, 2)
+    query, query_mask, _, _ = _ids([[4, 5, 6], [7, 8], [9, 10, 11, 12], [13], [14, 15], [16, 17, 18]])
+    response = torch.randint(4, lm.config.vocab_size, (6, 3))
+    response_mask = torch.ones(6, 3, dtype=torch.bool)
+    response_mask[1, 2:] = False
+    calls = []
+    monkeypatch.setattr(
+        lm, "forward", lambda *a, _f=lm.forward, **k: calls.append(k["input_ids"].shape[0]) or _f(*a, **k)
+    )
+    with torch.no_grad():
+        whole = common.forward(lm, head, query, query_mask, response, response_mask)
+        assert calls == [6]  # 6 rows x 3 tokens x the vocabulary fit under the limit
+        monkeypatch.setattr(decoding, "LOGITS_AT_ONCE", 2 * 3 * lm.config.vocab_size)  # two rows at a time
+        calls.clear()
+        chunked = common.forward(lm, head, query, query_mask, response, response_mask)
+        assert calls == [2, 2, 2]
+    m = response_mask
+    torch.testing.assert_close(whole[0][m], chunked[0][m], atol=1e-5, rtol=0)  # log-probs at the real tokens
+    torch.testing.assert_close(whole[1][m], chunked[1][m], atol=1e-5, rtol=0)  # values
+    calls.clear()
+    common.forward(lm, head, query, query_mask, response, response_mask)[0].sum().backward()
+    assert calls == [6]
+
+
 def test_forward_logprobs_are_differentiable(lm):
     """Gradients flow to the model through forward (it is used for the PPO update)."""
     query, query_mask, _, _ = _ids([[4, 5], [6]])
