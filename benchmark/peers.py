@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from plumbing import MMAP_THRESHOLD  # noqa: E402  (grpo.py's allocator setting on CPU, for the settings table)
+
 MISSING_TRL = "error: benchmark/peers.py needs TRL: pip install trl"
 PHASES = ("generation", "reward", "no_grad_forward", "loss_forward", "mle_forward", "backward", "optimizer")
 LABELS = {
@@ -89,6 +92,9 @@ class Args:
     """seed of both sides"""
     ours_dir: Optional[str] = None
     """the directory holding the grpo.py to measure (default: this repository's)"""
+    trl_mmap_threshold: Optional[int] = None
+    """give TRL's runs glibc's MALLOC_MMAP_THRESHOLD_ (524288 is grpo.py's own setting on CPU): what the allocator
+    setting alone does for TRL (default: glibc's defaults, as TRL runs)"""
     timeout: int = 7200
     """seconds a single run may take"""
     out: Optional[str] = None
@@ -413,6 +419,9 @@ def settings_table(args, eval_size, optimizers):
     steps = args.prompts // args.prompts_per_iteration * steps_per_round
     yes, no = "yes", "no"
     kl = f"{args.kl_coef:g}"
+    trl_allocator = (
+        "glibc defaults" if args.trl_mmap_threshold is None else f"MALLOC_MMAP_THRESHOLD_={args.trl_mmap_threshold}"
+    )
     old_logprobs = (
         ("a no-grad pass per round", "the same (steps_per_generation > 1)", yes)
         if steps_per_round > 1
@@ -444,6 +453,8 @@ def settings_table(args, eval_size, optimizers):
         ("AdamW", f"lr {args.learning_rate:g}, eps 1e-5, wd 0, clip 1", "the same, constant, no warmup", yes),
         ("AdamW kernel", optimizers.get("ours") or "?", optimizers.get("trl") or "?", no),
         ("checkpointing", "none", "activation checkpointing off", yes),
+        ("C allocator", f"glibc, mmap threshold {MMAP_THRESHOLD // 1024} KB (device_of)", trl_allocator,
+         yes if args.trl_mmap_threshold == MMAP_THRESHOLD else no),
         ("evaluation", f"at 0 and end (--eval-size {eval_size}), untimed", "none", yes),
         ("saving", "one checkpoint at the end, untimed", "none", yes),
         ("loop time", "sum of time/iteration_s", "on_train_begin to on_train_end", yes),
@@ -508,7 +519,7 @@ def print_results(summary, setting, pairs):
     print(f"peak memory TRL/ours: {summary['trl_over_ours_peak_rss']:.2f} ({name})")
 
 
-def run_child(side, spec, timeout):
+def run_child(side, spec, timeout, trl_mmap_threshold=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.json")
         with open(path, "w") as f:
@@ -520,6 +531,8 @@ def run_child(side, spec, timeout):
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         }
+        if side == "trl" and trl_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(trl_mmap_threshold)
         try:
             done = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--child", side, path],
@@ -642,7 +655,12 @@ def main(args, extra):
             prompts = None  # grpo.py's, for the TRL run after it
             for side in ("ours", "trl"):
                 start = time.time()
-                result = run_child(side, child_spec(args, side, setting, ours_dir, extra, prompts), args.timeout)
+                result = run_child(
+                    side,
+                    child_spec(args, side, setting, ours_dir, extra, prompts),
+                    args.timeout,
+                    args.trl_mmap_threshold,
+                )
                 loads.append(os.getloadavg()[0])
                 if side == "ours":
                     prompts = result["prompts"]

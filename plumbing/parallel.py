@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from plumbing import UserError, check
+from plumbing import UserError, check, return_freed_memory
 
 
 def _state():
@@ -84,7 +84,8 @@ def broadcast(value):
 
 
 def device_of(name):
-    """--device; under accelerate launch, the device accelerate gives this process (--device auto or its type)."""
+    """--device; under accelerate launch, the device accelerate gives this process (--device auto or its type). On CPU
+    it also makes freed tensors' memory go back to the system (plumbing.return_freed_memory)."""
     if processes()[1] > 1:
         device = _state().device
         check(
@@ -92,6 +93,8 @@ def device_of(name):
             f"--device {name}: under accelerate launch each process runs on the device accelerate gives it ({device}); "
             "leave --device at auto",
         )
+        if device.type == "cpu":
+            return_freed_memory()
         return device
     try:
         device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -100,4 +103,6 @@ def device_of(name):
     if device.type == "cuda":
         check(torch.cuda.is_available(), f"--device {name}: this machine has no CUDA GPU (use --device cpu or auto)")
         check((device.index or 0) < torch.cuda.device_count(), f"--device {name}: no such GPU here")
+    if device.type == "cpu":
+        return_freed_memory()
     return device
