@@ -6,11 +6,14 @@ loops behind every sampler) and guides.py (guides that continue text: served mod
 Here: the error a user can fix, printed by runs.cli as one line (no traceback) with exit status 2, and one setting of
 the C allocator that runs on CPU make (return_freed_memory, called by parallel.device_of)."""
 
+import contextlib
 import ctypes
 import os
 import sys
 
 MMAP_THRESHOLD = 512 * 1024  # bytes: a CPU tensor at least this large gets its own pages, handed back when freed
+HEAP_UP_TO = 32 * 2**20  # glibc's own ceiling for its moving threshold: heap_allocation's value
+_returning = False  # whether return_freed_memory is in force
 
 
 class UserError(Exception):
@@ -30,13 +33,35 @@ def return_freed_memory(threshold=MMAP_THRESHOLD):
     """On Linux (glibc), give every allocation of at least `threshold` bytes pages of its own (M_MMAP_THRESHOLD),
     returned to the system when the tensor is freed. By default glibc raises that threshold as it goes, up to 32 MB,
     so the activations and gradients that each minibatch allocates and frees (around 1 MB each for SmolLM2-135M) come
-    from its heap, whose holes it keeps: on CPU the process grew by about 0.45 GiB over the first steps
-    (grpo.py at benchmark/peers.py's sizes: peak RSS 3.17 GiB without, 2.72 GiB with; the loop about 10% slower
-    for the page faults).
+    from its heap, whose holes it keeps: on CPU, grpo.py at benchmark/peers.py's sizes peaked at 3.17 GiB of RSS
+    without this and at 2.72 GiB with it. The price is a page fault per 4 KB of each such allocation, about a tenth of
+    the update's time; the no-gradient passes, which keep nothing, run on the heap (heap_allocation).
     Set MALLOC_MMAP_THRESHOLD_ in the environment to choose another value (glibc reads it at start); elsewhere (macOS,
     Windows) nothing changes. Returns whether it was set."""
+    global _returning
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
+    _returning = bool(_mallopt(threshold))
+    return _returning
+
+
+@contextlib.contextmanager
+def heap_allocation():
+    """Within it, allocations up to 32 MB come from glibc's heap again (no page faults), after return_freed_memory:
+    for the decoding loops and the no-gradient passes, whose tensors (a few MB per step) are all freed by the end."""
+    if not _returning:
+        yield
+        return
+    _mallopt(HEAP_UP_TO, 2 * HEAP_UP_TO)  # glibc's own pair: the heap's free top is kept up to twice the threshold
+    try:
+        yield
+    finally:
+        _mallopt(MMAP_THRESHOLD)
+
+
+def _mallopt(mmap_threshold, trim_threshold=128 * 1024):  # glibc's default trim threshold
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    m_mmap_threshold = -3  # glibc's malloc.h
-    return bool(mallopt and mallopt(m_mmap_threshold, threshold))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return mallopt is not None and mallopt(m_mmap_threshold, mmap_threshold) == 1 == mallopt(
+        m_trim_threshold, trim_threshold
+    )

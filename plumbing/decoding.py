@@ -9,7 +9,7 @@ import inspect
 import torch
 import transformers
 
-from plumbing import check
+from plumbing import check, heap_allocation
 
 # The KV cache's argument and output field: `cache` in transformers 5.2x and later, `past_key_values` before (5.17,
 # the GPU machine's), which the later versions still take with a warning until 5.40.
@@ -32,20 +32,23 @@ def in_row_chunks(forward):
     """common.forward without gradients (old log-probs, the reference, evaluation) over a whole round at once would
     hold the full-vocabulary logits of every response token of every row, twice over in logsumexp: hundreds of MB
     that the training minibatches never need. Without gradients, the rows go through in chunks of at most
-    LOGITS_AT_ONCE logits; with gradients, or when a chunk would be the whole batch, the call is unchanged."""
+    LOGITS_AT_ONCE logits (on the heap: plumbing.heap_allocation); with gradients, the call is unchanged."""
 
     @functools.wraps(forward)
     def chunked(model, value_head, query, query_mask, response, response_mask):
+        if torch.is_grad_enabled():
+            return forward(model, value_head, query, query_mask, response, response_mask)
         config = getattr(getattr(model, "module", model), "config", None)
         per_row = response.shape[1] * getattr(config, "vocab_size", 0)
         rows = max(1, LOGITS_AT_ONCE // per_row) if per_row else len(query)
-        if torch.is_grad_enabled() or rows >= len(query):
-            return forward(model, value_head, query, query_mask, response, response_mask)
-        parts = [
-            forward(model, value_head, query[i : i + rows], query_mask[i : i + rows], response[i : i + rows],
-                    response_mask[i : i + rows])
-            for i in range(0, len(query), rows)
-        ]  # fmt: skip
+        with heap_allocation():
+            parts = [
+                forward(model, value_head, query[i : i + rows], query_mask[i : i + rows], response[i : i + rows],
+                        response_mask[i : i + rows])
+                for i in range(0, len(query), rows)
+            ]  # fmt: skip
+        if len(parts) == 1:
+            return parts[0]
         values = torch.cat([v for _, v in parts]) if parts[0][1] is not None else None
         return torch.cat([logprobs for logprobs, _ in parts]), values
 
@@ -328,6 +331,10 @@ def sampler(model, tokenizer, top_k, top_p, greedy=False, num_beams=1, fast=Fals
     CUDA samples through sample_static, compiled."""
 
     def continue_prefixes(query, query_mask, prefix, prefix_mask, max_new, min_new):
+        with heap_allocation():  # a few MB per token, all freed by the end: no page faults for them
+            return decode(query, query_mask, prefix, prefix_mask, max_new, min_new)
+
+    def decode(query, query_mask, prefix, prefix_mask, max_new, min_new):
         if num_beams > 1:
             check(prefix.shape[1] == 0, "beam search cannot restart from a response prefix")
             return beam_search(

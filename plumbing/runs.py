@@ -417,7 +417,12 @@ def check_weights(iteration, *modules):
     """Stop before logging or saving an iteration whose update left a weight non-finite (a --learning-rate too
     large for float, a step that overflowed): the last checkpoint stays as it was, and --resume continues from it."""
     params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-    bad = total(torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum()).item() if params else 0
+    if not params:
+        return
+    with torch.no_grad():  # the sum is finite unless a weight is not (or it overflows): only then count them
+        if total(torch.stack([p.sum(dtype=torch.float32) for p in params]).sum()).isfinite().item():
+            return
+        bad = total(torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum()).item()
     check(
         not bad,
         f"iteration {iteration}: {bad} weights are non-finite after the update; stopped: nothing of this iteration "

@@ -215,36 +215,42 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, straight, damage
 
 
 FRAGMENT = """
-import sys
-if sys.argv[1] == "plumbing":
+import contextlib, sys
+import torch
+mode = sys.argv[1]
+if mode != "plain":
     import plumbing
     assert plumbing.return_freed_memory()
-import torch
 
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 
-big = torch.ones(8 * 2**20 // 4)  # freeing an 8 MB block raises glibc's own mmap threshold to 8 MB
-del big
-before = rss()
-blocks = []
-for _ in range(200):  # 200 MB in blocks of 1 MB (as a minibatch's activations), each followed by a small one that stays
-    blocks.append((torch.ones(2**20 // 4), torch.ones(16)))
-kept = [small for _, small in blocks]
-del blocks
-print(rss() - before)
+def kept():
+    big = torch.ones(8 * 2**20 // 4)  # freeing an 8 MB block raises glibc's own mmap threshold to 8 MB
+    del big
+    before = rss()
+    blocks = [(torch.ones(2**20 // 4), torch.ones(16)) for _ in range(200)]  # 200 MB in 1 MB blocks (as a
+    small = [s for _, s in blocks]  # minibatch's activations), each followed by a small one that stays
+    del blocks
+    return rss() - before, small
+
+with plumbing.heap_allocation() if mode == "heap" else contextlib.nullcontext():
+    inside, small = kept()
+print(inside, kept()[0] if mode == "heap" else inside)  # in the block, then after it
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the setting is glibc's (Linux)")
 def test_freed_tensors_give_their_memory_back():
     """plumbing's allocator setting (return_freed_memory): 200 MB of 1 MB tensors freed between small ones that stay
-    are handed back; with glibc's defaults they stay in the process (the holes that made the training loop grow)."""
+    are handed back; with glibc's defaults, and inside heap_allocation (decoding, no-gradient passes), they stay in the
+    process (the holes that made the training loop grow); after heap_allocation they are handed back again."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     kept = {}
-    for mode in ("plumbing", "plain"):
+    for mode in ("plumbing", "plain", "heap"):
         out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], cwd=ROOT, env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        kept[mode] = float(out.stdout)
-    assert kept["plumbing"] < 20, kept  # MB still held after the 1 MB blocks are freed
-    assert kept["plain"] > 150, kept  # the test can tell: glibc's defaults keep them
+        kept[mode] = [float(x) for x in out.stdout.split()]
+    assert kept["plumbing"][0] < 20, kept  # MB still held after the 1 MB blocks are freed
+    assert kept["plain"][0] > 150, kept  # the test can tell: glibc's defaults keep them
+    assert kept["heap"][0] > 50 and kept["heap"][1] < 20, kept  # the heap keeps up to 64 MB of free top
