@@ -33,9 +33,10 @@ def return_freed_memory(threshold=MMAP_THRESHOLD):
     """On Linux (glibc), give every allocation of at least `threshold` bytes pages of its own (M_MMAP_THRESHOLD),
     returned to the system when the tensor is freed. By default glibc raises that threshold as it goes, up to 32 MB,
     so the activations and gradients that each minibatch allocates and frees (around 1 MB each for SmolLM2-135M) come
-    from its heap, whose holes it keeps: on CPU, grpo.py at benchmark/peers.py's sizes peaked at 3.17 GiB of RSS
-    without this and at 2.72 GiB with it. The price is a page fault per 4 KB of each such allocation, about a tenth of
-    the update's time; the no-gradient passes, which keep nothing, run on the heap (heap_allocation).
+    from its heap, whose holes it keeps: grpo.py's peak RSS in `python benchmark/peers.py` (KL off) was 3.26 GiB
+    without this (commit faeb493) and 2.75 GiB with it (commit 1e64890), TRL's 3.11. The price is a page fault per
+    4 KB of each such allocation in the update; the decoding loops and the no-gradient passes, which keep nothing,
+    run on the heap (heap_allocation).
     Set MALLOC_MMAP_THRESHOLD_ in the environment to choose another value (glibc reads it at start); elsewhere (macOS,
     Windows) nothing changes. Returns whether it was set."""
     global _returning
