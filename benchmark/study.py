@@ -405,7 +405,8 @@ def markdown(results, args):
         f"Command: `{results['command']}`",
         f"Commit: {results['commit']}{reused}",
         f"Machine: {results['machine']}",
-        f"Wall time: {results['wall_time_s']} s",
+        f"Wall time: {results['wall_time_s']} s"
+        + (" (this invocation's only: not the reused runs')" if reused else ""),
         "",
     ]
     return "\n".join(lines)

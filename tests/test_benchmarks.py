@@ -177,7 +177,9 @@ def test_study_writes_the_table(tiny, tmp_path):
     )  # a second invocation reuses every run and every final evaluation, and says so
     assert again["rows"] == results["rows"] and len(again["reused_runs"]) == 11
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("final_eval*.json")} == times
-    assert "(11 of its 11 runs reused from an earlier invocation)" in open(out / "table.md").read()
+    table = open(out / "table.md").read()
+    assert "(11 of its 11 runs reused from an earlier invocation)" in table
+    assert "s (this invocation's only: not the reused runs')" in table  # its wall time is not the study's
 
     # a study killed midway: ppo_2's run was cut short (no final evaluation, no checkpoint); the next invocation runs it
     # again
